@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Delivery benchmark. Starts a quiet local receiver and prints, measured in
+# this run:
+#   1. per-record delivery rate as a ratio of wrk's rate against the same
+#      receiver at the same concurrency (target >= 0.8);
+#   2. batched delivery (1000 per request) in rows per second (target >= 1M);
+#   3. wall time of a 1,000,000-row first sync, DuckDB -> batched webhook
+#      (target <= 10 s).
+# Usage: bench/delivery.sh [ROWS_PER_RECORD=100000] [ROWS_BATCHED=1000000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backflow/target}"
+per_record_rows="${1:-100000}"
+batched_rows="${2:-1000000}"
+concurrency=8
+
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+cargo build --release --quiet
+bin="$CARGO_TARGET_DIR/release/backflow"
+
+work=$(mktemp -d)
+trap 'kill $receiver 2>/dev/null || true; rm -rf "$work"' EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$bin" listen --quiet --port "$port" 2>/dev/null &
+receiver=$!
+until (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; do sleep 0.1; done
+
+# A body shaped like one of ours.
+body='{"name":"n42","email":"u42@example.org","score":42,"active":true,"city":"Lisbon","_meta":{"op":"upsert","change":"added","sync":"bench","mode":"upsert","run_id":"0193a0b1-0000-7000-8000-000000000000","row_num":42,"message_id":"5f0c2a8e-1b7d-5c3e-9a4f-6d2b8e1c0f3a","key":{"id":42}}}'
+cat > "$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+wrk_rps=$(wrk -t2 -c"$concurrency" -d8s -s "$work/post.lua" "http://127.0.0.1:$port/hook" | awk '/Requests\/sec/ { print $2 }')
+
+mkdir -p "$work/syncs"
+cat > "$work/backflow.yaml" <<YAML
+warehouses:
+  gen:
+    type: duckdb
+    init: |
+      create table people as
+      select range as id, 'n' || range as name, 'u' || range || '@example.org' as email,
+             range % 100 as score, range % 2 = 0 as active, 'Lisbon' as city
+      from range($batched_rows);
+YAML
+for mode in per_record batched; do
+  if [ "$mode" = per_record ]; then limit="where id < $per_record_rows"; batch=1; else limit=""; batch=1000; fi
+  cat > "$work/syncs/$mode.yaml" <<YAML
+warehouse: gen
+query: select id, name, email, score, active, city from people $limit
+primary_key: id
+mode: upsert
+destination:
+  url: http://127.0.0.1:$port/hook
+  batch_size: $batch
+  concurrency: $concurrency
+YAML
+done
+
+"$bin" --project "$work" --json run per_record > "$work/per_record.json"
+start=$(date +%s.%N)
+"$bin" --project "$work" --json run batched > "$work/batched.json"
+end=$(date +%s.%N)
+
+python3 - "$work" "$wrk_rps" "$start" "$end" <<'PY'
+import json, sys
+work, wrk_rps, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+per = json.load(open(f"{work}/per_record.json"))[0]
+bat = json.load(open(f"{work}/batched.json"))[0]
+per_rps = sum(per["delivered"].values()) / per["send_seconds"]
+bat_rps = sum(bat["delivered"].values()) / bat["send_seconds"]
+print(f"per-record: backflow {per_rps:,.0f} req/s vs wrk {wrk_rps:,.0f} req/s -> ratio {per_rps / wrk_rps:.2f} (target >= 0.8)")
+print(f"batched (1000/request): {bat_rps:,.0f} rows/s while sending (target >= 1,000,000)")
+print(f"first sync of {bat['counts']['rows']:,} rows end to end: {end - start:.1f} s wall "
+      f"(stage+diff {bat['seconds'] - bat['send_seconds']:.1f} s, send {bat['send_seconds']:.1f} s; target <= 10 s)")
+PY

@@ -1,0 +1,256 @@
+//! Modes, changes, ops and the record that carries one change to the sink.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// How a sync turns changes into operations (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Added and changed rows are upserted; removed rows are forgotten.
+    Upsert,
+    /// Added rows are created; changed rows send nothing; removed rows are forgotten.
+    Create,
+    /// Every added or changed row is a new event; removed rows are forgotten.
+    Append,
+    /// The target is kept equal to the query: removed rows are deleted.
+    Mirror,
+    /// The query lists records to delete; each key is deleted once.
+    Delete,
+}
+
+impl Mode {
+    /// Every mode, in documentation order.
+    pub const ALL: [Mode; 5] = [Mode::Upsert, Mode::Create, Mode::Append, Mode::Mirror, Mode::Delete];
+
+    /// The op sent for a change in this mode, or `None` when nothing is sent.
+    ///
+    /// This is the table of SPEC §2, in one place.
+    pub fn op_for(self, change: Change) -> Option<Op> {
+        use Change::*;
+        match (self, change) {
+            (Mode::Upsert, Added | Changed) => Some(Op::Upsert),
+            (Mode::Create, Added) => Some(Op::Create),
+            (Mode::Append, Added | Changed) => Some(Op::Append),
+            (Mode::Mirror, Added | Changed) => Some(Op::Upsert),
+            (Mode::Mirror, Removed) => Some(Op::Delete),
+            (Mode::Delete, Added) => Some(Op::Delete),
+            _ => None,
+        }
+    }
+
+    /// Whether a removed key is forgotten (dropped from the snapshot without
+    /// sending anything) rather than delivered as a delete.
+    pub fn forgets_removed(self) -> bool {
+        self != Mode::Mirror
+    }
+
+    /// The lowercase name used in YAML, payloads and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Upsert => "upsert",
+            Mode::Create => "create",
+            Mode::Append => "append",
+            Mode::Mirror => "mirror",
+            Mode::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a row differs from the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// The key is not in the snapshot.
+    Added,
+    /// The key is in the snapshot with another fingerprint.
+    Changed,
+    /// The key is in the snapshot but no longer in the query.
+    Removed,
+}
+
+impl Change {
+    /// Every change, in documentation order.
+    pub const ALL: [Change; 3] = [Change::Added, Change::Changed, Change::Removed];
+
+    /// The lowercase name used in payloads and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Added => "added",
+            Change::Changed => "changed",
+            Change::Removed => "removed",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Change> {
+        Change::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the receiver is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// Create or update the record.
+    Upsert,
+    /// Create the record.
+    Create,
+    /// Record a new event.
+    Append,
+    /// Delete the record.
+    Delete,
+}
+
+impl Op {
+    /// Every op, in documentation order.
+    pub const ALL: [Op; 4] = [Op::Upsert, Op::Create, Op::Append, Op::Delete];
+
+    /// The lowercase name used in payloads and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Create => "create",
+            Op::Append => "append",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A primary key in its canonical text form: the compact JSON object of the
+/// key columns in primary-key order, e.g. `{"customer_id":42}`. This is the
+/// identity under which the snapshot stores a record.
+pub type KeyText = String;
+
+/// One change on its way to the receiver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The primary key as a JSON object (column → value).
+    pub key: Map<String, Value>,
+    /// Canonical text of `key`.
+    pub key_text: KeyText,
+    /// The mapped payload (without metadata).
+    pub payload: Map<String, Value>,
+    /// Values of the columns the request URL needs (placeholders and query
+    /// parameters), by column name; empty when the URL needs none.
+    pub route: Map<String, Value>,
+    /// Fingerprint of `payload`.
+    pub fingerprint: u64,
+    /// How the row differs from the snapshot.
+    pub change: Change,
+    /// What the receiver is told to do.
+    pub op: Op,
+    /// 1-based position within the run.
+    pub row_num: u64,
+    /// Deterministic id for (sync, key, op, fingerprint).
+    pub message_id: String,
+}
+
+/// Fingerprint of a mapped payload: 64-bit XXH3 of its compact JSON bytes.
+///
+/// The payload keeps the mapping's field order, so the same mapping over the
+/// same values always gives the same bytes, and any difference in what would
+/// be sent gives (with overwhelming probability) another fingerprint.
+pub fn fingerprint(payload: &Map<String, Value>) -> u64 {
+    fingerprint_text(&serde_json::to_string(payload).expect("a JSON map always serializes"))
+}
+
+/// [`fingerprint`] of a payload already serialized as compact JSON.
+pub fn fingerprint_text(payload_json: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(payload_json.as_bytes())
+}
+
+/// The fingerprint of what a request carries: the payload, and the column
+/// values its URL is built from (a change there sends the record again).
+pub fn fingerprint_request(payload_json: &str, route_json: Option<&str>) -> u64 {
+    match route_json {
+        None => fingerprint_text(payload_json),
+        Some(route) => {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(payload_json.as_bytes());
+            h.update(b"\0");
+            h.update(route.as_bytes());
+            h.digest()
+        }
+    }
+}
+
+/// The deterministic message id of a change: a UUIDv5 over the sync name, the
+/// key text, the op and the fingerprint. A change re-sent after a retry or a
+/// crash carries the same id, so receivers can deduplicate.
+pub fn message_id(sync: &str, key_text: &str, op: Op, fingerprint: u64) -> String {
+    let name = format!("{sync}\u{0}{key_text}\u{0}{op}\u{0}{fingerprint:016x}");
+    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// Namespace for message ids (a fixed random UUID; never change it: ids
+/// already delivered would no longer match re-sends).
+const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1d_2c3a_8b4e_4f6a_9d1c_5e7b_3a2f_8c91);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn op_table_matches_the_spec() {
+        use Change::*;
+        let table = [
+            (Mode::Upsert, [Some(Op::Upsert), Some(Op::Upsert), None]),
+            (Mode::Create, [Some(Op::Create), None, None]),
+            (Mode::Append, [Some(Op::Append), Some(Op::Append), None]),
+            (Mode::Mirror, [Some(Op::Upsert), Some(Op::Upsert), Some(Op::Delete)]),
+            (Mode::Delete, [Some(Op::Delete), None, None]),
+        ];
+        for (mode, ops) in table {
+            for (change, op) in [Added, Changed, Removed].into_iter().zip(ops) {
+                assert_eq!(mode.op_for(change), op, "{mode} {change}");
+            }
+            assert_eq!(mode.forgets_removed(), mode != Mode::Mirror);
+        }
+    }
+
+    #[test]
+    fn message_id_is_deterministic_and_distinguishes_its_inputs() {
+        let a = message_id("s", r#"{"id":1}"#, Op::Upsert, 7);
+        assert_eq!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 7));
+        assert_ne!(a, message_id("t", r#"{"id":1}"#, Op::Upsert, 7));
+        assert_ne!(a, message_id("s", r#"{"id":2}"#, Op::Upsert, 7));
+        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Delete, 7));
+        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 8));
+        assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn fingerprint_follows_the_payload() {
+        let p = |v: Value| v.as_object().unwrap().clone();
+        let a = p(json!({"a": 1, "b": "x"}));
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+        assert_ne!(fingerprint(&a), fingerprint(&p(json!({"a": 1, "b": "y"}))));
+        assert_ne!(fingerprint(&a), fingerprint(&p(json!({"a": 1, "c": "x"}))));
+    }
+}

@@ -1,0 +1,576 @@
+//! The per-sync state file: snapshot, runs, rejections, settings; staging of
+//! the current query result and the diff against the snapshot.
+
+use crate::DiffError;
+use backflow_core::{Change, Mode, Op};
+use duckdb::{Appender, Config, Connection, OptionalExt, params};
+use serde::Serialize;
+use std::path::Path;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS snapshot (
+    key VARCHAR PRIMARY KEY,
+    fingerprint UBIGINT NOT NULL,
+    payload VARCHAR NOT NULL,
+    route VARCHAR,
+    op VARCHAR NOT NULL,
+    message_id VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    delivered_at VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    sync VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,
+    full_resync BOOLEAN NOT NULL,
+    started_at VARCHAR NOT NULL,
+    ended_at VARCHAR,
+    status VARCHAR NOT NULL,
+    counts VARCHAR NOT NULL,
+    message VARCHAR
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    run_id VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,
+    op VARCHAR NOT NULL,
+    message_id VARCHAR NOT NULL,
+    status INTEGER,
+    reason VARCHAR NOT NULL,
+    body VARCHAR NOT NULL,
+    failed_at VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+";
+
+/// The state of one sync, opened exclusively.
+pub struct StateStore {
+    conn: Connection,
+    sync: String,
+}
+
+/// How the current query result differs from the snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DiffCounts {
+    /// Rows staged from the query.
+    pub rows: u64,
+    /// Keys not in the snapshot (every row with `--full`).
+    pub added: u64,
+    /// Keys whose fingerprint differs.
+    pub changed: u64,
+    /// Keys in the snapshot but not in the query.
+    pub removed: u64,
+    /// Keys whose fingerprint is unchanged.
+    pub unchanged: u64,
+    /// Records to send.
+    pub to_send: u64,
+    /// Removed keys dropped from the snapshot without sending anything.
+    pub forgotten: u64,
+}
+
+/// Duplicate primary keys found in the staged rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InvalidKeys {
+    /// Distinct keys that appear more than once.
+    pub keys: u64,
+    /// Rows carrying those keys.
+    pub rows: u64,
+    /// A few of the keys.
+    pub examples: Vec<String>,
+}
+
+/// One record to send, as computed by [`StateStore::diff`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// 1-based position within the run.
+    pub row_num: u64,
+    /// Canonical key text.
+    pub key: String,
+    /// How the row differs.
+    pub change: Change,
+    /// What to tell the receiver.
+    pub op: Op,
+    /// Fingerprint of `payload`.
+    pub fingerprint: u64,
+    /// The payload as JSON text: the current one, or for a removed key the
+    /// one last delivered.
+    pub payload: String,
+    /// The URL's column values as JSON text, when the URL needs any.
+    pub route: Option<String>,
+}
+
+/// A record the receiver acknowledged with a 2xx.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// Canonical key text.
+    pub key: String,
+    /// The change that was delivered.
+    pub change: Change,
+    /// The op that was delivered.
+    pub op: Op,
+    /// Fingerprint of the delivered payload.
+    pub fingerprint: u64,
+    /// The delivered payload (JSON text, without metadata).
+    pub payload: String,
+    /// The URL's column values (JSON text), if any.
+    pub route: Option<String>,
+    /// The message id it carried.
+    pub message_id: String,
+}
+
+/// A record the receiver refused, or that could not be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    /// Canonical key text.
+    pub key: String,
+    /// The op that was attempted.
+    pub op: Op,
+    /// The message id it carried.
+    pub message_id: String,
+    /// HTTP status, when the receiver answered.
+    pub status: Option<u16>,
+    /// Why it failed.
+    pub reason: String,
+    /// The start of the response body.
+    pub body: String,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+}
+
+/// One run as recorded in the state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub run_id: String,
+    /// The sync.
+    pub sync: String,
+    /// The sync's mode at the time.
+    pub mode: Mode,
+    /// Whether it was a `--full` run.
+    pub full: bool,
+    /// Start (RFC 3339, UTC).
+    pub started_at: String,
+    /// End, once finished.
+    pub ended_at: Option<String>,
+    /// `running`, `succeeded`, `partial` (some records rejected or pending) or `failed`.
+    pub status: String,
+    /// Counts per change and op, and delivery outcomes.
+    pub counts: serde_json::Value,
+    /// The error that ended the run, if any.
+    pub message: Option<String>,
+}
+
+/// What the state knows about one key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KeyRecord {
+    /// Canonical key text.
+    pub key: String,
+    /// The payload last delivered (JSON text), if it was delivered.
+    pub delivered: Option<Delivered>,
+    /// The last rejection of this key, if any.
+    pub last_rejection: Option<Rejection>,
+}
+
+/// The last successful delivery of a key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivered {
+    /// The payload (JSON).
+    pub payload: serde_json::Value,
+    /// Its fingerprint (hex).
+    pub fingerprint: String,
+    /// The op delivered.
+    pub op: String,
+    /// The message id delivered.
+    pub message_id: String,
+    /// The run that delivered it.
+    pub run_id: String,
+    /// When (RFC 3339, UTC).
+    pub delivered_at: String,
+}
+
+/// Loads the current query result into the state's staging table.
+pub struct Stager<'a> {
+    appender: Appender<'a>,
+    ord: i64,
+}
+
+impl Stager<'_> {
+    /// Stages one row: its key text, its fingerprint, the payload and the
+    /// URL's column values.
+    pub fn push(&mut self, key: &str, fingerprint: u64, payload: &str, route: Option<&str>) -> Result<(), DiffError> {
+        self.ord += 1;
+        self.appender.append_row(params![key, fingerprint, payload, route, self.ord])?;
+        Ok(())
+    }
+
+    /// Flushes what was staged.
+    pub fn finish(mut self) -> Result<u64, DiffError> {
+        self.appender.flush()?;
+        Ok(self.ord as u64)
+    }
+}
+
+/// The current time as RFC 3339 UTC with milliseconds.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl StateStore {
+    /// The state file of `sync` under `dir`.
+    pub fn path(dir: &Path, sync: &str) -> std::path::PathBuf {
+        dir.join(format!("{sync}.duckdb"))
+    }
+
+    /// Opens (creating if needed) the state of `sync`, taking its run lock.
+    /// `memory_limit` bounds DuckDB's memory for diffs (e.g. `1GB`); larger
+    /// diffs spill to `<dir>/tmp`.
+    pub fn open(dir: &Path, sync: &str, memory_limit: &str) -> Result<StateStore, DiffError> {
+        let path = StateStore::path(dir, sync);
+        let open_err =
+            |message: String| DiffError::Open { sync: sync.to_string(), path: path.display().to_string(), message };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let config = Config::default()
+            .with("autoinstall_known_extensions", "false")
+            .and_then(|c| c.max_memory(memory_limit))
+            .and_then(|c| c.with("temp_directory", dir.join("tmp").display().to_string()))
+            .map_err(|e| open_err(e.to_string()))?;
+        let conn = Connection::open_with_flags(&path, config).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("lock") {
+                DiffError::Busy { sync: sync.to_string(), detail: text }
+            } else {
+                open_err(text)
+            }
+        })?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(StateStore { conn, sync: sync.to_string() })
+    }
+
+    /// The sync this state belongs to.
+    pub fn sync(&self) -> &str {
+        &self.sync
+    }
+
+    /// Starts staging the current query result (replacing any earlier stage).
+    pub fn stager(&self) -> Result<Stager<'_>, DiffError> {
+        self.conn.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE staged (key VARCHAR, fingerprint UBIGINT, payload VARCHAR, route VARCHAR, ord BIGINT)",
+        )?;
+        Ok(Stager { appender: self.conn.appender("staged")?, ord: 0 })
+    }
+
+    /// Keys that appear more than once in the staged rows.
+    pub fn duplicate_keys(&self, examples: usize) -> Result<InvalidKeys, DiffError> {
+        self.conn.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE duplicates AS
+             SELECT key, count(*) AS n, min(ord) AS first FROM staged GROUP BY key HAVING count(*) > 1",
+        )?;
+        let (keys, rows): (i64, Option<i64>) =
+            self.conn
+                .query_row("SELECT count(*), sum(n)::BIGINT FROM duplicates", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = self.conn.prepare("SELECT key FROM duplicates ORDER BY first LIMIT ?")?;
+        let examples = stmt.query_map([examples as i64], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(InvalidKeys { keys: keys as u64, rows: rows.unwrap_or(0) as u64, examples })
+    }
+
+    /// Drops every staged row whose key is duplicated (the explicit
+    /// `skip` policy): which of the rows is right cannot be known.
+    pub fn drop_duplicate_rows(&self) -> Result<(), DiffError> {
+        self.conn.execute_batch("DELETE FROM staged WHERE key IN (SELECT key FROM duplicates)")?;
+        Ok(())
+    }
+
+    /// Compares the staged rows with the snapshot and builds the outbox of
+    /// records to send in `mode`. With `full`, every staged row counts as
+    /// added and no key counts as removed (a full re-sync never mass-deletes).
+    pub fn diff(&self, mode: Mode, full: bool) -> Result<DiffCounts, DiffError> {
+        let added = if full { "TRUE" } else { "s.key IS NULL" };
+        let removed = if full {
+            String::new()
+        } else {
+            "UNION ALL
+             SELECT s.key, 'removed', s.fingerprint, s.payload, s.route, NULL
+             FROM snapshot s ANTI JOIN staged c ON s.key = c.key"
+                .to_string()
+        };
+        let mut op_case = String::from("CASE");
+        for change in Change::ALL {
+            if let Some(op) = mode.op_for(change) {
+                op_case.push_str(&format!(" WHEN change = '{change}' THEN '{op}'"));
+            }
+        }
+        op_case.push_str(" END");
+        self.conn.execute_batch(&format!(
+            "CREATE OR REPLACE TEMP TABLE diff AS
+             SELECT key, change, fingerprint, payload, route, ord, {op_case} AS op FROM (
+                 SELECT c.key,
+                        CASE WHEN {added} THEN 'added'
+                             WHEN s.fingerprint <> c.fingerprint THEN 'changed' END AS change,
+                        c.fingerprint, c.payload, c.route, c.ord
+                 FROM staged c LEFT JOIN snapshot s ON s.key = c.key
+                 {removed}
+             ) WHERE change IS NOT NULL;
+             CREATE OR REPLACE TEMP TABLE outbox AS
+             SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
+                    key, change, op, fingerprint, payload, route
+             FROM diff WHERE op IS NOT NULL;"
+        ))?;
+        let mut counts = DiffCounts {
+            rows: self.count("SELECT count(*) FROM staged")?,
+            to_send: self.count("SELECT count(*) FROM outbox")?,
+            ..DiffCounts::default()
+        };
+        let mut stmt = self.conn.prepare("SELECT change, count(*), count(op) FROM diff GROUP BY change")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        for row in rows {
+            let (change, n, sent) = row?;
+            match Change::parse(&change) {
+                Some(Change::Added) => counts.added = n as u64,
+                Some(Change::Changed) => counts.changed = n as u64,
+                Some(Change::Removed) => {
+                    counts.removed = n as u64;
+                    counts.forgotten = (n - sent) as u64;
+                }
+                None => {}
+            }
+        }
+        counts.unchanged = counts.rows - counts.added - counts.changed;
+        Ok(counts)
+    }
+
+    fn count(&self, sql: &str) -> Result<u64, DiffError> {
+        Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Records to send with `row_num > after`, in order, at most `limit`.
+    pub fn outbox_page(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, DiffError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT row_num, key, change, op, fingerprint, payload, route FROM outbox
+             WHERE row_num > ? ORDER BY row_num LIMIT ?",
+        )?;
+        let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (row_num, key, change, op, fingerprint, payload, route) = row?;
+            out.push(OutboxRow {
+                row_num: row_num as u64,
+                key,
+                change: Change::parse(&change).expect("diff writes known changes"),
+                op: Op::parse(&op).expect("diff writes known ops"),
+                fingerprint,
+                payload,
+                route,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops removed keys that the mode forgets (every mode but mirror) from
+    /// the snapshot, so a key that comes back counts as added again.
+    pub fn forget_removed(&self) -> Result<u64, DiffError> {
+        let n = self.conn.execute(
+            "DELETE FROM snapshot WHERE key IN (SELECT key FROM diff WHERE change = 'removed' AND op IS NULL)",
+            [],
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Advances the snapshot for acknowledged records, in one transaction: a
+    /// delivered removal drops the key; anything else stores the delivered
+    /// payload and fingerprint.
+    pub fn ack(&self, run_id: &str, acks: &[Ack]) -> Result<(), DiffError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        self.conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS acked (key VARCHAR, fingerprint UBIGINT, payload VARCHAR,
+                 route VARCHAR, op VARCHAR, message_id VARCHAR, removed BOOLEAN);
+             DELETE FROM acked;",
+        )?;
+        {
+            let mut appender = self.conn.appender("acked")?;
+            for a in acks {
+                appender.append_row(params![
+                    a.key,
+                    a.fingerprint,
+                    a.payload,
+                    a.route,
+                    a.op.as_str(),
+                    a.message_id,
+                    a.change == Change::Removed
+                ])?;
+            }
+            appender.flush()?;
+        }
+        let at = now();
+        self.transaction(|conn| {
+            conn.execute("DELETE FROM snapshot WHERE key IN (SELECT key FROM acked WHERE removed)", [])?;
+            conn.execute(
+                "INSERT OR REPLACE INTO snapshot
+                 SELECT key, fingerprint, payload, route, op, message_id, ?, ? FROM acked WHERE NOT removed",
+                params![run_id, at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records rejected records of a run.
+    pub fn reject(&self, run_id: &str, rejections: &[Rejection]) -> Result<(), DiffError> {
+        self.transaction(|conn| {
+            let mut stmt = conn.prepare("INSERT INTO rejections VALUES (?, ?, ?, ?, ?, ?, ?, ?)")?;
+            for r in rejections {
+                stmt.execute(params![
+                    run_id,
+                    r.key,
+                    r.op.as_str(),
+                    r.message_id,
+                    r.status.map(i32::from),
+                    r.reason,
+                    r.body,
+                    r.at
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn transaction(&self, f: impl FnOnce(&Connection) -> Result<(), duckdb::Error>) -> Result<(), DiffError> {
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        match f(&self.conn) {
+            Ok(()) => Ok(self.conn.execute_batch("COMMIT")?),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Records (or updates) a run.
+    pub fn save_run(&self, run: &RunRecord) -> Result<(), DiffError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            params![
+                run.run_id,
+                run.sync,
+                run.mode.as_str(),
+                run.full,
+                run.started_at,
+                run.ended_at,
+                run.status,
+                run.counts.to_string(),
+                run.message
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Marks runs still recorded as `running` as `interrupted`: whoever
+    /// holds the state now holds the run lock, so those processes are gone.
+    pub fn mark_interrupted(&self) -> Result<u64, DiffError> {
+        let n = self.conn.execute(
+            "UPDATE runs SET status = 'interrupted', ended_at = coalesce(ended_at, ?) WHERE status = 'running'",
+            [now()],
+        )?;
+        Ok(n as u64)
+    }
+
+    /// The latest runs, newest first.
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, DiffError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT run_id, sync, mode, full_resync, started_at, ended_at, status, counts, message
+             FROM runs ORDER BY started_at DESC, run_id DESC LIMIT ?",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(RunRecord {
+                run_id: r.get(0)?,
+                sync: r.get(1)?,
+                mode: serde_json::from_value(serde_json::Value::String(r.get(2)?)).unwrap_or(Mode::Upsert),
+                full: r.get(3)?,
+                started_at: r.get(4)?,
+                ended_at: r.get(5)?,
+                status: r.get(6)?,
+                counts: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
+                message: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The rejections recorded for a run.
+    pub fn rejections(&self, run_id: &str) -> Result<Vec<Rejection>, DiffError> {
+        self.query_rejections("WHERE run_id = ? ORDER BY failed_at", run_id)
+    }
+
+    fn query_rejections(&self, filter: &str, arg: &str) -> Result<Vec<Rejection>, DiffError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT key, op, message_id, status, reason, body, failed_at FROM rejections {filter}"))?;
+        let rows = stmt.query_map([arg], |r| {
+            Ok(Rejection {
+                key: r.get(0)?,
+                op: Op::parse(&r.get::<_, String>(1)?).unwrap_or(Op::Upsert),
+                message_id: r.get(2)?,
+                status: r.get::<_, Option<i32>>(3)?.map(|s| s as u16),
+                reason: r.get(4)?,
+                body: r.get(5)?,
+                at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What the state knows about `key` (canonical key text).
+    pub fn lookup(&self, key: &str) -> Result<KeyRecord, DiffError> {
+        let delivered = self
+            .conn
+            .query_row(
+                "SELECT payload, fingerprint, op, message_id, run_id, delivered_at FROM snapshot WHERE key = ?",
+                [key],
+                |r| {
+                    Ok(Delivered {
+                        payload: serde_json::from_str(&r.get::<_, String>(0)?).unwrap_or_default(),
+                        fingerprint: format!("{:016x}", r.get::<_, u64>(1)?),
+                        op: r.get(2)?,
+                        message_id: r.get(3)?,
+                        run_id: r.get(4)?,
+                        delivered_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?;
+        let last_rejection = self.query_rejections("WHERE key = ? ORDER BY failed_at DESC LIMIT 1", key)?.pop();
+        Ok(KeyRecord { key: key.to_string(), delivered, last_rejection })
+    }
+
+    /// Number of keys in the snapshot.
+    pub fn snapshot_len(&self) -> Result<u64, DiffError> {
+        self.count("SELECT count(*) FROM snapshot")
+    }
+
+    /// Forgets every delivered key: the next run sends every row as added.
+    pub fn reset(&self) -> Result<u64, DiffError> {
+        let n = self.snapshot_len()?;
+        self.transaction(|conn| conn.execute_batch("DELETE FROM snapshot; DELETE FROM settings;"))?;
+        Ok(n)
+    }
+
+    /// A stored setting (e.g. the mapping last delivered with).
+    pub fn setting(&self, name: &str) -> Result<Option<String>, DiffError> {
+        Ok(self.conn.query_row("SELECT value FROM settings WHERE name = ?", [name], |r| r.get(0)).optional()?)
+    }
+
+    /// Stores a setting.
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), DiffError> {
+        self.conn.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", [name, value])?;
+        Ok(())
+    }
+}

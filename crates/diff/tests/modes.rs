@@ -1,0 +1,208 @@
+//! Every mode × {added, changed, unchanged, removed}: what is sent, and what
+//! the snapshot holds afterwards.
+
+use backflow_core::{Change, Mode, Op};
+use backflow_diff::{Ack, DiffCounts, StateStore};
+use std::collections::BTreeMap;
+
+struct State {
+    _dir: tempfile::TempDir,
+    store: StateStore,
+}
+
+fn state() -> State {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    State { _dir: dir, store }
+}
+
+fn key(id: u32) -> String {
+    format!(r#"{{"id":{id}}}"#)
+}
+
+/// Stages rows (id, value) as the current query result.
+fn stage(store: &StateStore, rows: &[(u32, &str)]) {
+    let mut stager = store.stager().unwrap();
+    for (id, v) in rows {
+        let payload = format!(r#"{{"v":"{v}"}}"#);
+        stager.push(&key(*id), backflow_core::fingerprint_text(&payload), &payload, None).unwrap();
+    }
+    stager.finish().unwrap();
+}
+
+/// Diffs, "delivers" the whole outbox with success, and returns what was sent.
+fn run(store: &StateStore, mode: Mode, full: bool) -> (DiffCounts, Vec<(u32, Change, Op, String)>) {
+    let counts = store.diff(mode, full).unwrap();
+    if mode.forgets_removed() {
+        store.forget_removed().unwrap();
+    }
+    let rows = store.outbox_page(0, 1000).unwrap();
+    let acks: Vec<Ack> = rows
+        .iter()
+        .map(|r| Ack {
+            key: r.key.clone(),
+            change: r.change,
+            op: r.op,
+            fingerprint: r.fingerprint,
+            payload: r.payload.clone(),
+            route: None,
+            message_id: format!("m{}", r.row_num),
+        })
+        .collect();
+    store.ack("run", &acks).unwrap();
+    let sent = rows
+        .into_iter()
+        .map(|r| {
+            let id = r.key.trim_start_matches(r#"{"id":"#).trim_end_matches('}').parse().unwrap();
+            let v: serde_json::Value = serde_json::from_str(&r.payload).unwrap();
+            (id, r.change, r.op, v["v"].as_str().unwrap().to_string())
+        })
+        .collect();
+    (counts, sent)
+}
+
+fn snapshot(store: &StateStore, ids: &[u32]) -> BTreeMap<u32, String> {
+    ids.iter()
+        .filter_map(|id| {
+            let rec = store.lookup(&key(*id)).unwrap();
+            rec.delivered.map(|d| (*id, d.payload["v"].as_str().unwrap().to_string()))
+        })
+        .collect()
+}
+
+fn snap(pairs: &[(u32, &str)]) -> BTreeMap<u32, String> {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+/// First run delivers a=1, b=2, c=3; then a is unchanged, b changed, c
+/// removed, d added.
+fn second_run(mode: Mode) -> (State, DiffCounts, Vec<(u32, Change, Op, String)>) {
+    let s = state();
+    stage(&s.store, &[(1, "a"), (2, "b"), (3, "c")]);
+    let (counts, first) = run(&s.store, mode, false);
+    assert_eq!((counts.added, counts.changed, counts.removed), (3, 0, 0), "{mode}: first run sees every row as added");
+    let first_op = mode.op_for(Change::Added).unwrap();
+    assert_eq!(first.iter().map(|r| (r.0, r.2)).collect::<Vec<_>>(), [(1, first_op), (2, first_op), (3, first_op)]);
+    stage(&s.store, &[(1, "a"), (2, "B"), (4, "d")]);
+    let (counts, sent) = run(&s.store, mode, false);
+    assert_eq!(
+        (counts.rows, counts.added, counts.changed, counts.removed, counts.unchanged),
+        (3, 1, 1, 1, 1),
+        "{mode}"
+    );
+    (s, counts, sent)
+}
+
+#[test]
+fn upsert_sends_added_and_changed_and_forgets_removed() {
+    let (s, counts, sent) = second_run(Mode::Upsert);
+    assert_eq!(sent, [(2, Change::Changed, Op::Upsert, "B".into()), (4, Change::Added, Op::Upsert, "d".into())]);
+    assert_eq!(counts.forgotten, 1);
+    assert_eq!(snapshot(&s.store, &[1, 2, 3, 4]), snap(&[(1, "a"), (2, "B"), (4, "d")]));
+}
+
+#[test]
+fn create_sends_only_added_and_keeps_the_delivered_payload_of_changed_rows() {
+    let (s, _, sent) = second_run(Mode::Create);
+    assert_eq!(sent, [(4, Change::Added, Op::Create, "d".into())]);
+    assert_eq!(snapshot(&s.store, &[1, 2, 3, 4]), snap(&[(1, "a"), (2, "b"), (4, "d")]));
+}
+
+#[test]
+fn append_sends_every_change_as_a_new_event() {
+    let (s, _, sent) = second_run(Mode::Append);
+    assert_eq!(sent, [(2, Change::Changed, Op::Append, "B".into()), (4, Change::Added, Op::Append, "d".into())]);
+    assert_eq!(snapshot(&s.store, &[1, 2, 3, 4]), snap(&[(1, "a"), (2, "B"), (4, "d")]));
+}
+
+#[test]
+fn mirror_deletes_removed_keys_with_their_last_delivered_payload() {
+    let (s, counts, sent) = second_run(Mode::Mirror);
+    assert_eq!(
+        sent,
+        [
+            (2, Change::Changed, Op::Upsert, "B".into()),
+            (4, Change::Added, Op::Upsert, "d".into()),
+            (3, Change::Removed, Op::Delete, "c".into()),
+        ]
+    );
+    assert_eq!(counts.forgotten, 0);
+    assert_eq!(snapshot(&s.store, &[1, 2, 3, 4]), snap(&[(1, "a"), (2, "B"), (4, "d")]));
+}
+
+#[test]
+fn delete_mode_deletes_each_listed_key_once() {
+    let (s, _, sent) = second_run(Mode::Delete);
+    assert_eq!(sent, [(4, Change::Added, Op::Delete, "d".into())]);
+    assert_eq!(snapshot(&s.store, &[1, 2, 3, 4]), snap(&[(1, "a"), (2, "b"), (4, "d")]));
+    // Listed again unchanged: nothing; removed then listed again: deleted again.
+    stage(&s.store, &[(1, "a"), (4, "d")]);
+    assert!(run(&s.store, Mode::Delete, false).1.is_empty());
+    stage(&s.store, &[(1, "a"), (2, "b"), (4, "d")]);
+    assert_eq!(run(&s.store, Mode::Delete, false).1, [(2, Change::Added, Op::Delete, "b".into())]);
+}
+
+#[test]
+fn unacknowledged_records_are_sent_again_with_the_same_fingerprint() {
+    let s = state();
+    stage(&s.store, &[(1, "a"), (2, "b")]);
+    s.store.diff(Mode::Upsert, false).unwrap();
+    let first = s.store.outbox_page(0, 10).unwrap();
+    // Only key 1 is acknowledged.
+    let r = &first[0];
+    s.store
+        .ack(
+            "run",
+            &[Ack {
+                key: r.key.clone(),
+                change: r.change,
+                op: r.op,
+                fingerprint: r.fingerprint,
+                payload: r.payload.clone(),
+                route: None,
+                message_id: "m".into(),
+            }],
+        )
+        .unwrap();
+    stage(&s.store, &[(1, "a"), (2, "b")]);
+    s.store.diff(Mode::Upsert, false).unwrap();
+    let again = s.store.outbox_page(0, 10).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].key.as_str(), again[0].fingerprint), (first[1].key.as_str(), first[1].fingerprint));
+    assert_eq!(again[0].change, Change::Added);
+}
+
+#[test]
+fn full_resends_every_row_as_added_and_never_deletes() {
+    let s = state();
+    stage(&s.store, &[(1, "a"), (2, "b")]);
+    run(&s.store, Mode::Mirror, false);
+    stage(&s.store, &[(1, "a")]);
+    let (counts, sent) = run(&s.store, Mode::Mirror, true);
+    assert_eq!(sent, [(1, Change::Added, Op::Upsert, "a".into())]);
+    assert_eq!((counts.added, counts.removed), (1, 0));
+    // The removed key is still known, so a normal run deletes it then.
+    let (_, sent) = run(&s.store, Mode::Mirror, false);
+    assert_eq!(sent, [(2, Change::Removed, Op::Delete, "b".into())]);
+}
+
+#[test]
+fn duplicates_are_counted_with_examples_and_can_be_dropped() {
+    let s = state();
+    stage(&s.store, &[(1, "a"), (2, "b"), (2, "c"), (3, "x"), (3, "y"), (3, "z")]);
+    let dups = s.store.duplicate_keys(5).unwrap();
+    assert_eq!((dups.keys, dups.rows), (2, 5));
+    assert_eq!(dups.examples, [key(2), key(3)]);
+    s.store.drop_duplicate_rows().unwrap();
+    assert_eq!(s.store.diff(Mode::Upsert, false).unwrap().rows, 1);
+}
+
+#[test]
+fn state_survives_closing_and_reopening() {
+    // The refusal of a second process is tested end to end (DuckDB's lock
+    // is per process).
+    let dir = tempfile::tempdir().unwrap();
+    drop(StateStore::open(dir.path(), "s", "256MB").unwrap());
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    assert_eq!(store.snapshot_len().unwrap(), 0);
+}

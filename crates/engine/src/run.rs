@@ -1,0 +1,535 @@
+//! `plan` and `run`: stage the query, diff against the snapshot, and (for a
+//! run) deliver the outbox, committing each acknowledged record.
+
+use crate::config::{InvalidKeyPolicy, Sync};
+use crate::stage::{EXAMPLES, Staging};
+use crate::{Engine, EngineError, Progress};
+use backflow_core::{Mode, Op, Record, message_id};
+use backflow_diff::{Ack, DiffCounts, OutboxRow, Rejection, RunRecord, StateStore, now};
+use backflow_sink::send::redact_query;
+use backflow_sink::{Destination, MetaContext, Outcome, Sender};
+use backflow_source::Warehouse;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Records read from the outbox at a time.
+const PAGE: usize = 1000;
+/// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`].
+const ACK_BATCH: usize = 200;
+const ACK_INTERVAL: Duration = Duration::from_millis(200);
+/// Payloads shown by `plan`.
+const SAMPLES: usize = 3;
+/// Setting under which the mapping last run with is stored.
+const MAPPING_SETTING: &str = "mapping";
+
+/// Rows left out or refused because of their primary key.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InvalidKeyReport {
+    /// Rows whose key has a NULL.
+    pub null_rows: u64,
+    /// A few of them (row number and key).
+    pub null_examples: Vec<String>,
+    /// Distinct keys that appear more than once.
+    pub duplicate_keys: u64,
+    /// Rows carrying those keys.
+    pub duplicate_rows: u64,
+    /// A few of those keys.
+    pub duplicate_examples: Vec<String>,
+    /// Whether the rows were skipped (policy `skip`).
+    pub skipped: bool,
+}
+
+impl InvalidKeyReport {
+    fn any(&self) -> bool {
+        self.null_rows > 0 || self.duplicate_keys > 0
+    }
+
+    fn describe(&self, key_columns: &[String]) -> String {
+        let mut parts = Vec::new();
+        if self.null_rows > 0 {
+            parts.push(format!(
+                "{} row(s) have a NULL in the primary key ({}), e.g. {}",
+                self.null_rows,
+                key_columns.join(", "),
+                self.null_examples.join("; ")
+            ));
+        }
+        if self.duplicate_keys > 0 {
+            parts.push(format!(
+                "{} key(s) appear more than once ({} rows), e.g. {}",
+                self.duplicate_keys,
+                self.duplicate_rows,
+                self.duplicate_examples.join(", ")
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+/// What a run would send, computed without sending or committing anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// The sync.
+    pub sync: String,
+    /// Its mode.
+    pub mode: Mode,
+    /// Whether this is a `--full` plan.
+    pub full: bool,
+    /// Changes found.
+    pub counts: DiffCounts,
+    /// Records per op.
+    pub ops: BTreeMap<Op, u64>,
+    /// Rows with invalid keys.
+    pub invalid_keys: InvalidKeyReport,
+    /// Whether the mapping differs from the one last delivered with (every
+    /// row whose payload it changes is re-sent).
+    pub mapping_changed: bool,
+    /// The first few request bodies, exactly as they would be sent (the run
+    /// id is a placeholder).
+    pub samples: Vec<Value>,
+}
+
+/// How a run went.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The sync.
+    pub sync: String,
+    /// The run's id.
+    pub run_id: String,
+    /// The sync's mode.
+    pub mode: Mode,
+    /// Whether it was a `--full` run.
+    pub full: bool,
+    /// `succeeded` (everything delivered) or `partial`.
+    pub status: String,
+    /// Changes found.
+    pub counts: DiffCounts,
+    /// Rows with invalid keys (skipped under policy `skip`).
+    pub invalid_keys: InvalidKeyReport,
+    /// Whether the mapping changed since the last delivery.
+    pub mapping_changed: bool,
+    /// Records acknowledged, per op.
+    pub delivered: BTreeMap<Op, u64>,
+    /// Records refused by the receiver (permanent statuses, redirects).
+    pub rejected: u64,
+    /// Records not delivered that may succeed later (retryable failures,
+    /// and records not attempted after the run stopped early).
+    pub pending: u64,
+    /// Why the run stopped before the end of the outbox, if it did.
+    pub stopped_early: Option<String>,
+    /// The first few failures, with reasons.
+    pub failures: Vec<Rejection>,
+    /// Seconds the run took.
+    pub seconds: f64,
+    /// Seconds spent sending (after the diff).
+    pub send_seconds: f64,
+}
+
+impl RunReport {
+    /// Whether every record to send was delivered.
+    pub fn complete(&self) -> bool {
+        self.rejected == 0 && self.pending == 0 && !(self.invalid_keys.skipped && self.invalid_keys.any())
+    }
+
+    /// Records delivered in all.
+    pub fn delivered_total(&self) -> u64 {
+        self.delivered.values().sum()
+    }
+}
+
+/// The staged and diffed state of one sync, shared by plan and run.
+struct Prepared<'a> {
+    sync: &'a Sync,
+    store: StateStore,
+    counts: DiffCounts,
+    invalid: InvalidKeyReport,
+    mapping_changed: bool,
+    mapping_text: String,
+}
+
+impl Engine {
+    fn prepare<'a>(&'a self, name: &str, full: bool, progress: &dyn Progress) -> Result<Prepared<'a>, EngineError> {
+        let sync = self.project.sync(name)?;
+        let store = self.store(name)?;
+        let source_err = |source| EngineError::Source { sync: name.to_string(), source };
+        let warehouse_config = &self.project.file.warehouses[&sync.spec.warehouse];
+        let warehouse = Warehouse::open(warehouse_config, &self.project.dir).map_err(source_err)?;
+        let query = self.env.expand(&sync.spec.query).map_err(|e| {
+            EngineError::Config(crate::ConfigErrors(vec![crate::ConfigError {
+                place: format!("sync {name}"),
+                message: format!("query: {e}"),
+            }]))
+        })?;
+        progress.phase(name, "reading", None);
+        let route_columns = self.destination(sync)?.route_columns();
+        let (null_rows, null_examples) = {
+            let mut staging =
+                Staging::new(store.stager()?, sync.mapping(&self.env), sync.key_columns(), route_columns, progress);
+            warehouse.stream(&query, &mut staging).map_err(source_err)?;
+            progress.done();
+            let Staging { stager, null_rows, null_examples, .. } = staging;
+            stager.finish()?;
+            (null_rows, null_examples)
+        };
+        let mut invalid = InvalidKeyReport { null_rows, null_examples, ..InvalidKeyReport::default() };
+        let dups = store.duplicate_keys(EXAMPLES)?;
+        invalid.duplicate_keys = dups.keys;
+        invalid.duplicate_rows = dups.rows;
+        invalid.duplicate_examples = dups.examples;
+        if invalid.any() {
+            match sync.spec.invalid_keys {
+                InvalidKeyPolicy::Fail => {
+                    return Err(EngineError::InvalidKeys {
+                        sync: name.to_string(),
+                        message: format!(
+                            "{}. Nothing was sent. Fix the query, or set `invalid_keys: skip` to leave such rows out (they are reported).",
+                            invalid.describe(&sync.key_columns())
+                        ),
+                    });
+                }
+                InvalidKeyPolicy::Skip => {
+                    store.drop_duplicate_rows()?;
+                    invalid.skipped = true;
+                }
+            }
+        }
+        let counts = store.diff(sync.spec.mode, full)?;
+        let mapping_text = json!({
+            "fields": sync.spec.mapping,
+            "static": sync.spec.statics,
+            "metadata": sync.spec.destination.metadata.then_some(&sync.spec.destination.metadata_key),
+        })
+        .to_string();
+        let mapping_changed =
+            store.snapshot_len()? > 0 && store.setting(MAPPING_SETTING)?.is_some_and(|old| old != mapping_text);
+        Ok(Prepared { sync, store, counts, invalid, mapping_changed, mapping_text })
+    }
+
+    /// What a run of `name` would send. Sends nothing, commits nothing.
+    pub fn plan(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<Plan, EngineError> {
+        let p = self.prepare(name, full, progress)?;
+        let destination = self.destination(p.sync)?;
+        let ctx = MetaContext { sync: name.to_string(), mode: p.sync.spec.mode, run_id: "(plan)".into() };
+        let mut ops = BTreeMap::new();
+        let mut samples = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = p.store.outbox_page(after, PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = last.row_num;
+            for row in page {
+                *ops.entry(row.op).or_insert(0) += 1;
+                if samples.len() < SAMPLES {
+                    samples.push(match destination.request(&[record(name, row)], &ctx) {
+                        Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_query(&r.url))),
+                        Ok(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+                        Err(reason) => json!({"error": reason}),
+                    });
+                }
+            }
+        }
+        Ok(Plan {
+            sync: name.to_string(),
+            mode: p.sync.spec.mode,
+            full,
+            counts: p.counts,
+            ops,
+            invalid_keys: p.invalid,
+            mapping_changed: p.mapping_changed,
+            samples,
+        })
+    }
+
+    fn destination(&self, sync: &Sync) -> Result<Destination, EngineError> {
+        Destination::new(&sync.spec.destination, &self.env)
+            .map_err(|source| EngineError::Sink { sync: sync.name.clone(), source })
+    }
+
+    /// Runs `name` once: stage, diff, deliver, commit acks as they come.
+    pub async fn run(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<RunReport, EngineError> {
+        let started = Instant::now();
+        let started_at = now();
+        let p = match self.prepare(name, full, progress) {
+            Ok(p) => p,
+            Err(e) => {
+                self.record_failure(name, full, &started_at, &e);
+                return Err(e);
+            }
+        };
+        let spec = &p.sync.spec;
+        let destination = self.destination(p.sync)?;
+        let sender =
+            Sender::new(&spec.destination).map_err(|source| EngineError::Sink { sync: name.to_string(), source })?;
+        let run_id = uuid::Uuid::now_v7().to_string();
+        let mut record_run = RunRecord {
+            run_id: run_id.clone(),
+            sync: name.to_string(),
+            mode: spec.mode,
+            full,
+            started_at,
+            ended_at: None,
+            status: "running".into(),
+            counts: json!(p.counts),
+            message: None,
+        };
+        p.store.mark_interrupted()?;
+        p.store.save_run(&record_run)?;
+        if spec.mode.forgets_removed() {
+            p.store.forget_removed()?;
+        }
+        let ctx = MetaContext { sync: name.to_string(), mode: spec.mode, run_id: run_id.clone() };
+        let mut report = RunReport {
+            sync: name.to_string(),
+            run_id: run_id.clone(),
+            mode: spec.mode,
+            full,
+            status: String::new(),
+            counts: p.counts,
+            invalid_keys: p.invalid.clone(),
+            mapping_changed: p.mapping_changed,
+            delivered: BTreeMap::new(),
+            rejected: 0,
+            pending: 0,
+            stopped_early: None,
+            failures: vec![],
+            seconds: 0.0,
+            send_seconds: 0.0,
+        };
+        let sending = Instant::now();
+        let outcome = self.deliver(&p, &destination, &sender, &ctx, progress, &mut report).await;
+        report.send_seconds = sending.elapsed().as_secs_f64();
+        let delivered = report.delivered_total();
+        report.pending = p.counts.to_send - delivered - report.rejected;
+        report.status = if report.complete() { "succeeded" } else { "partial" }.into();
+        report.seconds = started.elapsed().as_secs_f64();
+        record_run.ended_at = Some(now());
+        record_run.counts = json!({
+            "diff": p.counts,
+            "invalid_keys": report.invalid_keys,
+            "delivered": report.delivered,
+            "rejected": report.rejected,
+            "pending": report.pending,
+        });
+        match &outcome {
+            Ok(()) => {
+                record_run.status = report.status.clone();
+                record_run.message = report.stopped_early.clone();
+            }
+            Err(e) => {
+                record_run.status = "failed".into();
+                record_run.message = Some(e.to_string());
+            }
+        }
+        p.store.set_setting(MAPPING_SETTING, &p.mapping_text)?;
+        p.store.save_run(&record_run)?;
+        outcome.map(|()| report)
+    }
+
+    /// Records a run that failed before sending (bad keys, a failing
+    /// query…), so `history` shows it. Nothing is recorded when the state
+    /// itself is unavailable (another run holds it) or the sync is unknown.
+    fn record_failure(&self, name: &str, full: bool, started_at: &str, error: &EngineError) {
+        if matches!(error, EngineError::State(_) | EngineError::Config(_)) {
+            return;
+        }
+        let Ok(sync) = self.project.sync(name) else { return };
+        if let Ok(store) = self.store(name) {
+            let record = RunRecord {
+                run_id: uuid::Uuid::now_v7().to_string(),
+                sync: name.to_string(),
+                mode: sync.spec.mode,
+                full,
+                started_at: started_at.to_string(),
+                ended_at: Some(now()),
+                status: "failed".into(),
+                counts: json!({}),
+                message: Some(error.to_string()),
+            };
+            if let Err(e) = store.save_run(&record) {
+                tracing::warn!(sync = name, error = %e, "could not record the failed run");
+            }
+        }
+    }
+
+    async fn deliver(
+        &self,
+        p: &Prepared<'_>,
+        destination: &Destination,
+        sender: &Sender,
+        ctx: &MetaContext,
+        progress: &dyn Progress,
+        report: &mut RunReport,
+    ) -> Result<(), EngineError> {
+        let concurrency = p.sync.spec.destination.concurrency.max(1);
+        let breaker = p.sync.spec.destination.circuit_breaker.max(1);
+        let mut acks: Vec<Ack> = Vec::new();
+        let mut failures: Vec<Rejection> = Vec::new();
+        let mut last_commit = Instant::now();
+        let mut down_streak = 0u32;
+        let mut after = 0;
+        progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
+        'pages: loop {
+            let page = p.store.outbox_page(after, PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = last.row_num;
+            let records: Vec<Record> = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
+            let sends =
+                destination.batches(records, ctx).into_iter().map(|batch| destination.deliver(sender, batch, ctx));
+            let mut in_flight = futures_util::stream::iter(sends).buffer_unordered(concurrency);
+            while let Some(results) = in_flight.next().await {
+                progress.advance(results.len() as u64);
+                let all_down = results.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
+                down_streak = if all_down { down_streak + 1 } else { 0 };
+                for (record, outcome) in results {
+                    match outcome {
+                        Outcome::Delivered { .. } => {
+                            *report.delivered.entry(record.op).or_insert(0) += 1;
+                            acks.push(Ack {
+                                key: record.key_text,
+                                change: record.change,
+                                op: record.op,
+                                fingerprint: record.fingerprint,
+                                payload: Value::Object(record.payload).to_string(),
+                                route: (!record.route.is_empty()).then(|| Value::Object(record.route).to_string()),
+                                message_id: record.message_id,
+                            });
+                        }
+                        Outcome::Failed { status, reason, body, retryable, attempts } => {
+                            if !retryable {
+                                report.rejected += 1;
+                            }
+                            let reason =
+                                if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
+                            failures.push(Rejection {
+                                key: record.key_text,
+                                op: record.op,
+                                message_id: record.message_id,
+                                status,
+                                reason,
+                                body,
+                                at: now(),
+                            });
+                        }
+                    }
+                }
+                if acks.len() >= ACK_BATCH || last_commit.elapsed() >= ACK_INTERVAL {
+                    p.store.ack(&ctx.run_id, &acks)?;
+                    acks.clear();
+                    last_commit = Instant::now();
+                }
+                if down_streak >= breaker {
+                    report.stopped_early = Some(format!(
+                        "stopped early: {breaker} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending"
+                    ));
+                    break 'pages;
+                }
+            }
+        }
+        p.store.ack(&ctx.run_id, &acks)?;
+        p.store.reject(&ctx.run_id, &failures)?;
+        progress.done();
+        report.failures = failures.into_iter().take(20).collect();
+        Ok(())
+    }
+}
+
+/// The record of an outbox row, with its message id.
+fn record(sync: &str, row: OutboxRow) -> Record {
+    let parse = |text: &str| match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    Record {
+        key: parse(&row.key),
+        message_id: message_id(sync, &row.key, row.op, row.fingerprint),
+        payload: parse(&row.payload),
+        route: row.route.as_deref().map(parse).unwrap_or_default(),
+        key_text: row.key,
+        fingerprint: row.fingerprint,
+        change: row.change,
+        op: row.op,
+        row_num: row.row_num,
+    }
+}
+
+/// What `check` found: whether the warehouse answers the query with the
+/// columns the sync needs, and whether the destination accepts connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// The sync.
+    pub sync: String,
+    /// The query's columns, or why the source check failed.
+    pub source: Result<Vec<String>, String>,
+    /// The address connected to, or why the destination check failed.
+    pub destination: Result<String, String>,
+}
+
+impl CheckReport {
+    /// Whether both ends are reachable.
+    pub fn ok(&self) -> bool {
+        self.source.is_ok() && self.destination.is_ok()
+    }
+}
+
+/// Collects column names and checks them like a run would, reading no rows.
+struct ColumnCheck<'a> {
+    columns: Vec<String>,
+    sync: &'a Sync,
+    mapping: backflow_core::Mapping,
+    route_columns: Vec<String>,
+}
+
+impl backflow_source::RowConsumer for ColumnCheck<'_> {
+    fn columns(&mut self, names: &[String]) -> Result<(), String> {
+        self.columns = names.to_vec();
+        crate::stage::positions("primary_key", &self.sync.key_columns(), names)?;
+        crate::stage::positions("destination URL", &self.route_columns, names)?;
+        self.mapping.compile(names).map(|_| ()).map_err(|e| format!("mapping: {e}"))
+    }
+
+    fn row(&mut self, _: Vec<Value>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Reaches the warehouse (the query, with no rows read) and opens a TCP
+    /// connection to the destination's host. Sends nothing.
+    pub async fn check(&self, name: &str) -> Result<CheckReport, EngineError> {
+        let sync = self.project.sync(name)?;
+        let destination = self.destination(sync)?;
+        let source = (|| {
+            let warehouse = Warehouse::open(&self.project.file.warehouses[&sync.spec.warehouse], &self.project.dir)
+                .map_err(|e| e.to_string())?;
+            let query = self.env.expand(&sync.spec.query).map_err(|e| e.to_string())?;
+            let mut check = ColumnCheck {
+                columns: vec![],
+                sync,
+                mapping: sync.mapping(&self.env),
+                route_columns: destination.route_columns(),
+            };
+            warehouse
+                .stream(&format!("select * from ({query}) as checked limit 0"), &mut check)
+                .map_err(|e| e.to_string())?;
+            Ok(check.columns)
+        })();
+        let url = self.env.expand(&sync.spec.destination.url).unwrap_or_default();
+        let destination = reach(&url, sync.spec.destination.connect_timeout.get()).await;
+        Ok(CheckReport { sync: name.to_string(), source, destination })
+    }
+}
+
+/// Opens (and closes) a TCP connection to the URL's host and port.
+async fn reach(url: &str, timeout: Duration) -> Result<String, String> {
+    let parsed = url::Url::parse(&url.replace(['{', '}'], "")).map_err(|e| e.to_string())?;
+    let host = parsed.host_str().ok_or("the URL has no host")?.to_string();
+    let port = parsed.port_or_known_default().ok_or("the URL has no port")?;
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+        Ok(Ok(stream)) => Ok(stream.peer_addr().map(|a| a.to_string()).unwrap_or(format!("{host}:{port}"))),
+        Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
+        Err(_) => Err(format!("no answer from {host}:{port} within {timeout:?}")),
+    }
+}

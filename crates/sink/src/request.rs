@@ -1,0 +1,440 @@
+//! Stage 2: the HTTP request for one record or a batch: method and URL (per
+//! change), body or flattened query, headers, signature; and delivery of a
+//! batch with isolation of bad records.
+
+use crate::config::{DestinationConfig, Method, SigningScheme};
+use crate::encode::{MetaContext, envelope};
+use crate::send::{Outcome, Sender};
+use crate::url::{UrlTemplate, flatten, scalar_text};
+use crate::{SinkError, signing};
+use backflow_core::env::Env;
+use backflow_core::{Change, Record};
+
+/// A request ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// The method.
+    pub method: Method,
+    /// The full URL.
+    pub url: String,
+    /// Headers, in order (configured ones first).
+    pub headers: Vec<(String, String)>,
+    /// The exact body bytes (empty for `GET`).
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    method: Method,
+    url: UrlTemplate,
+}
+
+#[derive(Debug, Clone)]
+enum Signer {
+    HmacSha1(Vec<u8>),
+    StandardWebhooks(Vec<u8>),
+}
+
+/// A destination with its `${VAR}` references resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// Routes for added, changed and removed records.
+    routes: [Route; 3],
+    query_params: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    meta_key: Option<String>,
+    signer: Option<Signer>,
+    batch_size: usize,
+    max_body_bytes: usize,
+    separator: String,
+}
+
+/// The most records one request may carry.
+pub const MAX_BATCH: usize = 100_000;
+
+impl Destination {
+    /// Resolves and checks a destination. Errors name the field; they never
+    /// contain the value of an environment variable.
+    pub fn new(config: &DestinationConfig, env: &Env) -> Result<Destination, SinkError> {
+        let expand = |field: &str, text: &str| {
+            env.expand(text).map_err(|source| SinkError::Env { field: field.to_string(), source })
+        };
+        let template = |field: &str, url: &str| {
+            let expanded = expand(field, url)?;
+            UrlTemplate::parse(&expanded).map_err(|reason| SinkError::Url {
+                field: field.to_string(),
+                url: url.to_string(),
+                reason,
+            })
+        };
+        let base = Route { method: config.method, url: template("url", &config.url)? };
+        let mut routes = [base.clone(), base.clone(), base];
+        for (i, (name, over)) in
+            [("on_added", &config.on_added), ("on_changed", &config.on_changed), ("on_removed", &config.on_removed)]
+                .into_iter()
+                .enumerate()
+        {
+            if let Some(over) = over {
+                if let Some(m) = over.method {
+                    routes[i].method = m;
+                }
+                if let Some(u) = &over.url {
+                    routes[i].url = template(&format!("{name}.url"), u)?;
+                }
+            }
+        }
+        let invalid =
+            |field: &str, reason: &str| SinkError::Invalid { field: field.to_string(), reason: reason.to_string() };
+        if config.batch_size == 0 || config.batch_size > MAX_BATCH {
+            return Err(invalid("batch_size", "must be between 1 (no batching) and 100000"));
+        }
+        if config.batch_size > 1 {
+            if routes.iter().any(|r| r.method == Method::Get) {
+                return Err(invalid(
+                    "batch_size",
+                    "GET sends one record per request; use POST, PUT, PATCH or DELETE to batch",
+                ));
+            }
+            if !config.query_params.is_empty() || routes.iter().any(|r| r.url.columns().next().is_some()) {
+                return Err(invalid(
+                    "batch_size",
+                    "URL placeholders and query_params are per record, so they cannot be batched",
+                ));
+            }
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &config.headers {
+            let field = format!("headers.{name}");
+            let value = expand(&field, value)?;
+            check_header(name, &value)?;
+            headers.push((name.clone(), value));
+        }
+        let signer = match &config.signing {
+            Some(s) => {
+                let secret = expand("signing.secret", &s.secret)?;
+                Some(match s.scheme {
+                    SigningScheme::HmacSha1 => Signer::HmacSha1(secret.into_bytes()),
+                    SigningScheme::StandardWebhooks => Signer::StandardWebhooks(
+                        signing::standard_webhooks_key(&secret).map_err(|reason| invalid("signing.secret", &reason))?,
+                    ),
+                })
+            }
+            None => None,
+        };
+        Ok(Destination {
+            routes,
+            query_params: config.query_params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            headers,
+            meta_key: config.metadata.then(|| config.metadata_key.clone()),
+            signer,
+            batch_size: config.batch_size,
+            max_body_bytes: config.max_body_bytes.max(1024),
+            separator: config.flatten_separator.clone(),
+        })
+    }
+
+    /// The columns a record's URL needs (placeholders and `query_params`),
+    /// which the caller puts in [`Record::route`].
+    pub fn route_columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = Vec::new();
+        let used =
+            self.routes.iter().flat_map(|r| r.url.columns()).chain(self.query_params.iter().map(|(_, c)| c.as_str()));
+        for c in used {
+            if !columns.iter().any(|x| x == c) {
+                columns.push(c.to_string());
+            }
+        }
+        columns
+    }
+
+    fn route(&self, change: Change) -> &Route {
+        &self.routes[match change {
+            Change::Added => 0,
+            Change::Changed => 1,
+            Change::Removed => 2,
+        }]
+    }
+
+    /// Cuts records into requests: one record each, or with `batch_size > 1`
+    /// runs of records bound for the same method and URL, at most
+    /// `batch_size` and `max_body_bytes` each.
+    pub fn batches(&self, records: Vec<Record>, ctx: &MetaContext) -> Vec<Vec<Record>> {
+        if self.batch_size == 1 {
+            return records.into_iter().map(|r| vec![r]).collect();
+        }
+        let mut groups: Vec<(Method, Vec<Record>, usize)> = Vec::new();
+        let mut out = Vec::new();
+        for record in records {
+            let route = self.route(record.change);
+            let size = serde_json::to_vec(&envelope(&record, ctx, self.meta_key.as_deref())).map_or(0, |b| b.len()) + 1;
+            let slot =
+                groups.iter().position(|(m, g, _)| *m == route.method && self.route(g[0].change).url == route.url);
+            let index = match slot {
+                Some(i) if groups[i].1.len() < self.batch_size && groups[i].2 + size + 2 <= self.max_body_bytes => i,
+                Some(i) => {
+                    out.push(std::mem::take(&mut groups[i].1));
+                    groups[i].2 = 0;
+                    i
+                }
+                None => {
+                    groups.push((route.method, Vec::new(), 0));
+                    groups.len() - 1
+                }
+            };
+            groups[index].1.push(record);
+            groups[index].2 += size;
+        }
+        out.extend(groups.into_iter().map(|(_, g, _)| g).filter(|g| !g.is_empty()));
+        out
+    }
+
+    /// The request for `records` (one, or a batch bound for one route).
+    /// `Err` when a record cannot be addressed (a NULL URL placeholder).
+    pub fn request(&self, records: &[Record], ctx: &MetaContext) -> Result<HttpRequest, String> {
+        let first = &records[0];
+        let route = self.route(first.change);
+        let params: Vec<(String, String)> = self
+            .query_params
+            .iter()
+            .filter_map(|(name, column)| {
+                first.route.get(column).filter(|v| !v.is_null()).map(|v| (name.clone(), scalar_text(v)))
+            })
+            .collect();
+        let mut headers = self.headers.clone();
+        let (url, body) = if route.method == Method::Get {
+            let mut params = params;
+            params.extend(flatten(&envelope(first, ctx, self.meta_key.as_deref()), &self.separator));
+            (route.url.render(&first.route, &params)?, Vec::new())
+        } else {
+            let body = if self.batch_size == 1 {
+                serde_json::to_vec(&envelope(first, ctx, self.meta_key.as_deref()))
+            } else {
+                let all: Vec<_> = records.iter().map(|r| envelope(r, ctx, self.meta_key.as_deref())).collect();
+                serde_json::to_vec(&all)
+            }
+            .expect("JSON values always serialize");
+            headers.push(("Content-Type".into(), "application/json".into()));
+            (route.url.render(&first.route, &params)?, body)
+        };
+        let single = self.batch_size == 1;
+        if single {
+            headers.push(("Idempotency-Key".into(), first.message_id.clone()));
+        }
+        match &self.signer {
+            Some(Signer::HmacSha1(secret)) => {
+                let signed: &[u8] = if route.method == Method::Get { request_target(&url) } else { &body };
+                headers.push(("X-Signature".into(), signing::hmac_sha1_hex(secret, signed)));
+            }
+            Some(Signer::StandardWebhooks(key)) => {
+                let id = if single { first.message_id.clone() } else { batch_id(records) };
+                let timestamp = chrono::Utc::now().timestamp();
+                let signed: &[u8] = if route.method == Method::Get { request_target(&url) } else { &body };
+                headers.push((
+                    "webhook-signature".into(),
+                    signing::standard_webhooks_signature(key, &id, timestamp, signed),
+                ));
+                headers.push(("webhook-id".into(), id));
+                headers.push(("webhook-timestamp".into(), timestamp.to_string()));
+            }
+            None => {}
+        }
+        Ok(HttpRequest { method: route.method, url, headers, body })
+    }
+
+    /// Sends `records` as one request; when a batch is refused with a
+    /// permanent status it is split in halves, recursively, so the bad
+    /// records are isolated and the rest delivered.
+    pub async fn deliver(&self, sender: &Sender, records: Vec<Record>, ctx: &MetaContext) -> Vec<(Record, Outcome)> {
+        let outcome = match self.request(&records, ctx) {
+            Ok(request) => sender.send(&request).await,
+            Err(reason) if records.len() == 1 => {
+                Outcome::Failed { status: None, reason, body: String::new(), retryable: false, attempts: 0 }
+            }
+            Err(_) => Outcome::Failed {
+                status: None,
+                reason: String::new(),
+                body: String::new(),
+                retryable: false,
+                attempts: 0,
+            },
+        };
+        if records.len() > 1 && matches!(outcome, Outcome::Failed { retryable: false, .. }) {
+            let mut left = records;
+            let right = left.split_off(left.len() / 2);
+            let mut out = Box::pin(self.deliver(sender, left, ctx)).await;
+            out.extend(Box::pin(self.deliver(sender, right, ctx)).await);
+            return out;
+        }
+        records.into_iter().map(|r| (r, outcome.clone())).collect()
+    }
+}
+
+/// The path and query of a URL (what `GET` requests sign).
+fn request_target(url: &str) -> &[u8] {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let start = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
+    let end = url.find('#').unwrap_or(url.len());
+    if start >= end { b"/" } else { url[start..end].as_bytes() }
+}
+
+/// A batch's id: deterministic in its records' message ids.
+fn batch_id(records: &[Record]) -> String {
+    let ids: Vec<&str> = records.iter().map(|r| r.message_id.as_str()).collect();
+    uuid_from(&ids.join(","))
+}
+
+fn uuid_from(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    format!("batch_{}", hex::encode(&digest[..16]))
+}
+
+fn check_header(name: &str, value: &str) -> Result<(), SinkError> {
+    let err = |reason: &str| SinkError::Header { name: name.to_string(), reason: reason.to_string() };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        return Err(err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"));
+    }
+    if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(err("the value contains CR, LF or NUL, which would split the request; remove them"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backflow_core::{Mode, Op};
+    use serde_json::{Value, json};
+
+    fn config(extra: Value) -> DestinationConfig {
+        let mut base = json!({"url": "http://127.0.0.1:1/hook?foo=bar"});
+        base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(base).unwrap()
+    }
+
+    fn record(id: i64, change: Change) -> Record {
+        let payload = json!({"email": format!("u{id}@x.org"), "tags": ["a", "b"], "addr": {"city": "Oslo"}, "n": null});
+        Record {
+            key: json!({"id": id}).as_object().unwrap().clone(),
+            key_text: format!(r#"{{"id":{id}}}"#),
+            payload: payload.as_object().unwrap().clone(),
+            route: json!({"id": id, "email": format!("u{id}@x.org")}).as_object().unwrap().clone(),
+            fingerprint: 1,
+            change,
+            op: Op::Upsert,
+            row_num: id as u64,
+            message_id: format!("m{id}"),
+        }
+    }
+
+    fn ctx() -> MetaContext {
+        MetaContext { sync: "s".into(), mode: Mode::Mirror, run_id: "r".into() }
+    }
+
+    #[test]
+    fn rejects_bad_urls_and_headers_without_leaking_secrets() {
+        let env = Env::default().with("BF_SINK_SECRET", "hunter2\r\nX-Evil: 1");
+        assert!(matches!(Destination::new(&config(json!({"url": "ftp://x"})), &env), Err(SinkError::Url { .. })));
+        assert!(matches!(Destination::new(&config(json!({"url": "not a url"})), &env), Err(SinkError::Url { .. })));
+        let c = config(json!({"headers": {"Authorization": "Bearer ${BF_SINK_SECRET}"}}));
+        let err = Destination::new(&c, &env).unwrap_err().to_string();
+        assert!(err.contains("CR, LF"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn get_flattens_the_payload_after_static_and_mapped_parameters() {
+        let d = Destination::new(
+            &config(json!({"method": "GET", "query_params": {"user": "email"}, "metadata": false})),
+            &Env::default(),
+        )
+        .unwrap();
+        let r = d.request(&[record(7, Change::Added)], &ctx()).unwrap();
+        assert_eq!(
+            r.url,
+            "http://127.0.0.1:1/hook?foo=bar&user=u7%40x.org&email=u7%40x.org&tags__0=a&tags__1=b&addr__city=Oslo"
+        );
+        assert!(r.body.is_empty());
+        assert!(!r.headers.iter().any(|(n, _)| n == "Content-Type"));
+    }
+
+    #[test]
+    fn per_change_routes_pick_method_and_url() {
+        let d = Destination::new(
+            &config(json!({
+                "url": "http://h/users",
+                "on_changed": {"method": "PATCH", "url": "http://h/users/{id}"},
+                "on_removed": {"method": "DELETE", "url": "http://h/users/{id}"},
+            })),
+            &Env::default(),
+        )
+        .unwrap();
+        let added = d.request(&[record(1, Change::Added)], &ctx()).unwrap();
+        let changed = d.request(&[record(2, Change::Changed)], &ctx()).unwrap();
+        let removed = d.request(&[record(3, Change::Removed)], &ctx()).unwrap();
+        assert_eq!((added.method, added.url.as_str()), (Method::Post, "http://h/users"));
+        assert_eq!((changed.method, changed.url.as_str()), (Method::Patch, "http://h/users/2"));
+        assert_eq!((removed.method, removed.url.as_str()), (Method::Delete, "http://h/users/3"));
+        assert_eq!(d.route_columns(), ["id"]);
+    }
+
+    #[test]
+    fn batches_are_arrays_bounded_by_count_and_bytes_and_grouped_by_route() {
+        let d =
+            Destination::new(&config(json!({"batch_size": 3, "on_removed": {"method": "DELETE"}})), &Env::default())
+                .unwrap();
+        let records: Vec<Record> =
+            (1..=7).map(|i| record(i, if i == 4 { Change::Removed } else { Change::Added })).collect();
+        let batches = d.batches(records, &ctx());
+        let ids: Vec<Vec<u64>> = batches.iter().map(|b| b.iter().map(|r| r.row_num).collect()).collect();
+        assert_eq!(ids, [vec![1, 2, 3], vec![5, 6, 7], vec![4]]);
+        let r = d.request(&batches[0], &ctx()).unwrap();
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body.as_array().unwrap().len(), 3);
+        assert!(!r.headers.iter().any(|(n, _)| n == "Idempotency-Key"));
+
+        let small =
+            Destination::new(&config(json!({"batch_size": 1000, "max_body_bytes": 1024})), &Env::default()).unwrap();
+        let batches = small.batches((1..=40).map(|i| record(i, Change::Added)).collect(), &ctx());
+        assert!(batches.len() > 1);
+        for b in &batches {
+            assert!(small.request(b, &ctx()).unwrap().body.len() <= 1024);
+        }
+        let err = Destination::new(&config(json!({"batch_size": 10, "method": "GET"})), &Env::default()).unwrap_err();
+        assert!(err.to_string().contains("GET sends one record per request"), "{err}");
+    }
+
+    #[test]
+    fn signatures_cover_the_exact_bytes_sent() {
+        let d = Destination::new(&config(json!({"signing": {"scheme": "hmac-sha1", "secret": "k"}})), &Env::default())
+            .unwrap();
+        let r = d.request(&[record(1, Change::Added)], &ctx()).unwrap();
+        let sig = &r.headers.iter().find(|(n, _)| n == "X-Signature").unwrap().1;
+        assert!(signing::verify_hmac_sha1(b"k", &r.body, sig));
+
+        let get = Destination::new(
+            &config(json!({"method": "GET", "signing": {"scheme": "hmac-sha1", "secret": "k"}})),
+            &Env::default(),
+        )
+        .unwrap();
+        let r = get.request(&[record(1, Change::Added)], &ctx()).unwrap();
+        let sig = &r.headers.iter().find(|(n, _)| n == "X-Signature").unwrap().1;
+        let target = &r.url["http://127.0.0.1:1".len()..];
+        assert!(target.starts_with("/hook?foo=bar&"));
+        assert!(signing::verify_hmac_sha1(b"k", target.as_bytes(), sig));
+
+        let sw = Destination::new(
+            &config(
+                json!({"signing": {"scheme": "standard-webhooks", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}),
+            ),
+            &Env::default(),
+        )
+        .unwrap();
+        let r = sw.request(&[record(1, Change::Added)], &ctx()).unwrap();
+        let header = |n: &str| r.headers.iter().find(|(h, _)| h == n).unwrap().1.clone();
+        assert_eq!(header("webhook-id"), "m1");
+        let key = signing::standard_webhooks_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let ts: i64 = header("webhook-timestamp").parse().unwrap();
+        assert_eq!(header("webhook-signature"), signing::standard_webhooks_signature(&key, "m1", ts, &r.body));
+    }
+}

@@ -1,0 +1,216 @@
+//! Every retry and failure class against a scripted local receiver.
+
+use backflow_core::env::Env;
+use backflow_core::{Change, Mode, Op, Record};
+use backflow_sink::{Destination, DestinationConfig, MetaContext, Outcome, Sender};
+use backflow_testkit::{Receiver, Reply};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+fn config(url: &str, extra: Value) -> DestinationConfig {
+    let mut c = json!({"url": url, "retry": {"attempts": 4, "backoff": "10ms", "max_backoff": "200ms"}});
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(c).unwrap()
+}
+
+fn record(id: u64) -> Record {
+    Record {
+        key: json!({"id": id}).as_object().unwrap().clone(),
+        key_text: format!(r#"{{"id":{id}}}"#),
+        payload: json!({"id": id}).as_object().unwrap().clone(),
+        route: Default::default(),
+        fingerprint: id,
+        change: Change::Added,
+        op: Op::Upsert,
+        row_num: id,
+        message_id: format!("m{id}"),
+    }
+}
+
+fn ctx() -> MetaContext {
+    MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into() }
+}
+
+/// Delivers `records` through a destination configured by `c`.
+fn deliver(c: &DestinationConfig, records: Vec<Record>) -> Vec<(Record, Outcome)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let destination = Destination::new(c, &Env::default()).unwrap();
+    let sender = Sender::new(c).unwrap();
+    runtime.block_on(async {
+        let mut out = Vec::new();
+        for batch in destination.batches(records, &ctx()) {
+            out.extend(destination.deliver(&sender, batch, &ctx()).await);
+        }
+        out
+    })
+}
+
+fn one(c: &DestinationConfig) -> Outcome {
+    deliver(c, vec![record(1)]).pop().unwrap().1
+}
+
+#[test]
+fn server_errors_are_retried_until_success() {
+    let r = Receiver::start();
+    r.respond(|_, i| if i < 2 { Reply::Status(503) } else { Reply::Status(200) });
+    assert_eq!(one(&config(&r.url(), json!({}))), Outcome::Delivered { status: 200, attempts: 3 });
+    let ids: Vec<_> = r.requests().iter().map(|q| q.header("idempotency-key").unwrap().to_string()).collect();
+    assert_eq!(ids, ["m1", "m1", "m1"], "retries carry the same id");
+}
+
+#[test]
+fn retry_after_is_honoured_in_seconds_and_capped() {
+    let r = Receiver::start();
+    r.respond(|_, i| {
+        if i == 0 {
+            Reply::Full(429, vec![("Retry-After".into(), "1".into())], String::new())
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let started = Instant::now();
+    assert!(
+        one(&config(&r.url(), json!({"retry": {"attempts": 3, "backoff": "1ms", "max_backoff": "5s"}}))).is_delivered()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(950), "waited {:?}", started.elapsed());
+
+    let r = Receiver::start();
+    r.respond(|_, i| {
+        if i == 0 {
+            Reply::Full(503, vec![("Retry-After".into(), "3600".into())], String::new())
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let started = Instant::now();
+    assert!(one(&config(&r.url(), json!({}))).is_delivered());
+    assert!(started.elapsed() < Duration::from_secs(5), "capped by max_backoff");
+}
+
+#[test]
+fn retry_after_as_an_http_date_is_honoured() {
+    let r = Receiver::start();
+    let date = (chrono::Utc::now() + chrono::TimeDelta::seconds(2)).format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    r.respond(move |_, i| {
+        if i == 0 {
+            Reply::Full(429, vec![("Retry-After".into(), date.clone())], String::new())
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let started = Instant::now();
+    assert!(
+        one(&config(&r.url(), json!({"retry": {"attempts": 2, "backoff": "1ms", "max_backoff": "10s"}})))
+            .is_delivered()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited {:?}", started.elapsed());
+}
+
+#[test]
+fn connection_refused_then_up_is_retried() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = config(
+        &format!("http://127.0.0.1:{port}"),
+        json!({"retry": {"attempts": 6, "backoff": "100ms", "max_backoff": "400ms"}}),
+    );
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        Receiver::start_on(port)
+    });
+    let outcome = one(&c);
+    let receiver = late.join().unwrap();
+    assert!(outcome.is_delivered(), "{outcome:?}");
+    assert_eq!(receiver.requests().len(), 1);
+}
+
+#[test]
+fn connection_refused_for_good_is_pending_not_rejected() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    match one(&config(&format!("http://127.0.0.1:{port}"), json!({"retry": {"attempts": 2, "backoff": "1ms"}}))) {
+        Outcome::Failed { retryable, status, reason, attempts, .. } => {
+            assert!(retryable);
+            assert_eq!((status, attempts), (None, 2));
+            assert!(reason.contains("could not connect"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_stall_past_the_timeout_is_a_retryable_timeout() {
+    let r = Receiver::start();
+    r.respond(|_, i| if i == 0 { Reply::Stall(Duration::from_secs(3)) } else { Reply::Status(200) });
+    assert_eq!(one(&config(&r.url(), json!({"timeout": "200ms"}))), Outcome::Delivered { status: 200, attempts: 2 });
+    let r = Receiver::start();
+    r.respond(|_, _| Reply::Stall(Duration::from_secs(3)));
+    match one(&config(&r.url(), json!({"timeout": "200ms", "retry": {"attempts": 1}}))) {
+        Outcome::Failed { retryable: true, reason, .. } => assert!(reason.contains("timed out"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn client_errors_are_not_retried_and_keep_the_body() {
+    let r = Receiver::start();
+    r.respond(|_, _| Reply::Full(400, vec![], "{\"error\":\"email is invalid\"}".into()));
+    match one(&config(&r.url(), json!({}))) {
+        Outcome::Failed { status, retryable, body, attempts, .. } => {
+            assert_eq!((status, retryable, attempts), (Some(400), false, 1));
+            assert!(body.contains("email is invalid"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.requests().len(), 1);
+}
+
+#[test]
+fn redirects_are_not_followed() {
+    let target = Receiver::start();
+    let r = Receiver::start();
+    let location = format!("{}/elsewhere", target.url());
+    r.respond(move |_, _| Reply::Full(302, vec![("Location".into(), location.clone())], String::new()));
+    match one(&config(&r.url(), json!({}))) {
+        Outcome::Failed { status, retryable, reason, .. } => {
+            assert_eq!((status, retryable), (Some(302), false));
+            assert!(reason.contains("redirects are not followed"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(target.requests().is_empty());
+}
+
+#[test]
+fn one_bad_record_in_a_batch_of_1000_is_isolated() {
+    let r = Receiver::start();
+    r.respond(|q, _| {
+        let bad = q.json().as_array().unwrap().iter().any(|item| item["id"] == 500);
+        if bad { Reply::Status(422) } else { Reply::Status(200) }
+    });
+    let results = deliver(&config(&r.url(), json!({"batch_size": 1000})), (1..=1000).map(record).collect());
+    let failed: Vec<u64> = results.iter().filter(|(_, o)| !o.is_delivered()).map(|(r, _)| r.row_num).collect();
+    assert_eq!(failed, [500]);
+    assert_eq!(results.len(), 1000);
+    let requests = r.requests().len();
+    assert!(requests <= 25, "{requests} requests to isolate one record");
+}
+
+#[test]
+fn concurrency_and_rate_limits_hold() {
+    let r = Receiver::start();
+    let c = config(&r.url(), json!({"rate_limit": "20/s", "concurrency": 1}));
+    let started = Instant::now();
+    let results = deliver(&c, (1..=10).map(record).collect());
+    assert!(results.iter().all(|(_, o)| o.is_delivered()));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "10 requests at 20/s take ~450ms: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn bad_rates_are_refused_with_an_example() {
+    let err =
+        serde_json::from_value::<DestinationConfig>(json!({"url": "http://x", "rate_limit": "fast"})).unwrap_err();
+    assert!(err.to_string().contains("write e.g. `50/s`"), "{err}");
+}

@@ -1,0 +1,177 @@
+//! A real HTTP receiver on 127.0.0.1 for tests, scripted to accept, reject,
+//! fail, stall and recover, recording every request it gets.
+#![deny(missing_docs)]
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The method.
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// Headers, names lowercase.
+    pub headers: Vec<(String, String)>,
+    /// The exact body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the receiver answers one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Answer with this status and a short body.
+    Status(u16),
+    /// Answer with this status, headers and body.
+    Full(u16, Vec<(String, String)>, String),
+    /// Wait this long, then answer 200.
+    Stall(Duration),
+}
+
+type Rule = Box<dyn Fn(&Received, usize) -> Reply + Send>;
+
+struct Inner {
+    requests: Vec<Received>,
+    rule: Rule,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    arrived: Condvar,
+}
+
+/// A running receiver; it stops when dropped (with the test process).
+pub struct Receiver {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Receiver {
+    /// Starts a receiver that answers 200 to everything.
+    pub fn start() -> Receiver {
+        Receiver::start_on(0)
+    }
+
+    /// Starts a receiver on a given port of 127.0.0.1 (0: any free port).
+    pub fn start_on(port: u16) -> Receiver {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner { requests: Vec::new(), rule: Box::new(|_, _| Reply::Status(200)) }),
+            arrived: Condvar::new(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server_state = shared.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind 127.0.0.1");
+                tx.send(listener.local_addr().expect("addr")).expect("report address");
+                let app = Router::new().fallback(handle).with_state(server_state);
+                axum::serve(listener, app).await.expect("serve");
+            });
+        });
+        let addr = rx.recv().expect("receiver started");
+        Receiver { addr, shared }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answers each request by `rule(request, index)`; `index` counts every
+    /// request received so far (0-based).
+    pub fn respond(&self, rule: impl Fn(&Received, usize) -> Reply + Send + 'static) {
+        self.shared.inner.lock().expect("lock").rule = Box::new(rule);
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Received> {
+        self.shared.inner.lock().expect("lock").requests.clone()
+    }
+
+    /// The JSON bodies received so far.
+    pub fn bodies(&self) -> Vec<Value> {
+        self.requests().iter().map(Received::json).collect()
+    }
+
+    /// Forgets the requests received so far.
+    pub fn clear(&self) {
+        self.shared.inner.lock().expect("lock").requests.clear();
+    }
+
+    /// Waits until at least `n` requests have arrived (panics after `timeout`).
+    pub fn wait_for(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.inner.lock().expect("lock");
+        while inner.requests.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "only {} of {n} requests arrived within {timeout:?}", inner.requests.len());
+            inner = self.shared.arrived.wait_timeout(inner, left).expect("lock").0;
+        }
+    }
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let received = Received {
+        method: method.to_string(),
+        target: uri.path_and_query().map_or("/".to_string(), |p| p.to_string()),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect(),
+        body: body.to_vec(),
+    };
+    let reply = {
+        let mut inner = shared.inner.lock().expect("lock");
+        let index = inner.requests.len();
+        let reply = (inner.rule)(&received, index);
+        inner.requests.push(received);
+        shared.arrived.notify_all();
+        reply
+    };
+    let status = |s: u16| StatusCode::from_u16(s).expect("valid status");
+    match reply {
+        Reply::Status(s) => (status(s), format!("status {s}")).into_response(),
+        Reply::Full(s, headers, body) => {
+            let mut response = (status(s), body).into_response();
+            for (n, v) in headers {
+                response.headers_mut().insert(
+                    axum::http::HeaderName::from_bytes(n.as_bytes()).expect("header name"),
+                    v.parse().expect("header value"),
+                );
+            }
+            response
+        }
+        Reply::Stall(d) => {
+            tokio::time::sleep(d).await;
+            (StatusCode::OK, "late").into_response()
+        }
+    }
+}

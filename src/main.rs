@@ -1,0 +1,316 @@
+//! The `backflow` command line: argument parsing, output and exit codes over
+//! the engine.
+
+mod listen;
+mod output;
+
+use anyhow::Context;
+use backflow_core::env::Env;
+use backflow_engine::{Engine, EngineError};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Exit code: everything delivered.
+const OK: u8 = 0;
+/// Exit code: some records rejected or left pending.
+const INCOMPLETE: u8 = 1;
+/// Exit code: configuration or fatal error.
+const FATAL: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "backflow",
+    version,
+    about = "Reverse-ETL: sync warehouse rows to webhooks, sending only what changed."
+)]
+struct Cli {
+    /// The project directory (holding backflow.yaml).
+    #[arg(long, global = true, default_value = ".", env = "BACKFLOW_PROJECT")]
+    project: PathBuf,
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the project and every sync file (no network, no data).
+    Validate,
+    /// Show what a run would send; sends and commits nothing.
+    Plan {
+        /// The sync.
+        sync: String,
+        /// Treat every current row as added (as `run --full` would).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Reach a sync's warehouse (its query, no rows read) and destination (a TCP connection; nothing sent).
+    Check {
+        /// The syncs (all when none).
+        syncs: Vec<String>,
+    },
+    /// Run syncs once.
+    Run {
+        /// Syncs to run, in order.
+        syncs: Vec<String>,
+        /// Run every sync.
+        #[arg(long, conflicts_with = "syncs")]
+        all: bool,
+        /// Send every current row as added; mirror mode sends no deletes.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Forget what was delivered for a sync: the next run sends every row.
+    Reset {
+        /// The sync.
+        sync: String,
+    },
+    /// Run every sync that has a `schedule`, when it comes due, until Ctrl-C.
+    Serve,
+    /// Show recent runs.
+    History {
+        /// Syncs to show (all when none).
+        syncs: Vec<String>,
+        /// Runs per sync.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// Also list the rejected records of each run shown.
+        #[arg(long)]
+        rejections: bool,
+    },
+    /// Show the last delivered payload and status of one key.
+    Inspect {
+        /// The sync.
+        sync: String,
+        /// The key: a value, `col=value,col=value`, or a JSON object.
+        key: String,
+    },
+    /// A local receiver that prints every request and checks signatures.
+    Listen {
+        /// Port on 127.0.0.1.
+        #[arg(long, default_value_t = 8787)]
+        port: u16,
+        /// Environment variable holding the shared secret for `X-Signature`.
+        #[arg(long, value_name = "VAR")]
+        secret_env: Option<String>,
+        /// Status code to answer with (e.g. 500 to watch retries).
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Print nothing per request (for benchmarks).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Run every example sync against a local receiver and show what arrived.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BACKFLOW_LOG").unwrap_or_else(|_| filter.into()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(FATAL);
+        }
+    };
+    match runtime.block_on(execute(&cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if cli.json {
+                println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(FATAL)
+        }
+    }
+}
+
+fn load(cli: &Cli, env: Env) -> Result<Engine, EngineError> {
+    Engine::load(&cli.project, env)
+}
+
+async fn execute(cli: &Cli) -> anyhow::Result<u8> {
+    let out = output::Output { json: cli.json };
+    match &cli.command {
+        Command::Validate => {
+            let engine = load(cli, Env::process())?;
+            out.validated(&engine);
+            Ok(OK)
+        }
+        Command::Plan { sync, full } => {
+            let engine = load(cli, Env::process())?;
+            let progress = output::TerminalProgress::new(cli.json);
+            let plan = engine.plan(sync, *full, &progress)?;
+            out.plan(&plan);
+            Ok(OK)
+        }
+        Command::Check { syncs } => {
+            let engine = load(cli, Env::process())?;
+            let names =
+                if syncs.is_empty() { selected(&engine, syncs, true)? } else { selected(&engine, syncs, false)? };
+            let mut code = OK;
+            for name in names {
+                let report = engine.check(&name).await?;
+                if !report.ok() {
+                    code = FATAL;
+                }
+                out.check(&report);
+            }
+            Ok(code)
+        }
+        Command::Run { syncs, all, full } => {
+            let engine = load(cli, Env::process())?;
+            let names = selected(&engine, syncs, *all)?;
+            run(&engine, &names, *full, &out).await
+        }
+        Command::Serve => {
+            let engine = load(cli, Env::process())?;
+            let progress = output::TerminalProgress::new(true);
+            let mut failed = false;
+            let mut report = |name: &str, result: Result<&backflow_engine::RunReport, &EngineError>| match result {
+                Ok(r) => {
+                    out.run(r);
+                    if out.json {
+                        println!("{}", serde_json::to_string(r).unwrap_or_default());
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    eprintln!("error: sync `{name}`: {e}");
+                }
+            };
+            eprintln!(
+                "serving {} scheduled sync(s); Ctrl-C to stop",
+                engine.project.syncs.iter().filter(|s| s.spec.schedule.is_some()).count()
+            );
+            engine
+                .serve(&progress, &mut report, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            Ok(if failed { INCOMPLETE } else { OK })
+        }
+        Command::Reset { sync } => {
+            let engine = load(cli, Env::process())?;
+            let n = engine.reset(sync)?;
+            out.reset(sync, n);
+            Ok(OK)
+        }
+        Command::History { syncs, limit, rejections } => {
+            let engine = load(cli, Env::process())?;
+            let history = engine.history(syncs, *limit)?;
+            out.history(&engine, &history, *rejections)?;
+            Ok(OK)
+        }
+        Command::Inspect { sync, key } => {
+            let engine = load(cli, Env::process())?;
+            let record = engine.inspect(sync, key)?;
+            out.inspect(sync, &record);
+            Ok(OK)
+        }
+        Command::Listen { port, secret_env, status, quiet } => {
+            let secret = match secret_env {
+                Some(var) => Some(
+                    Env::process()
+                        .get(var)
+                        .with_context(|| format!("--secret-env {var}: the variable is not set"))?
+                        .into_bytes(),
+                ),
+                None => None,
+            };
+            let status = axum::http::StatusCode::from_u16(*status).context("--status: not an HTTP status")?;
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", *port))
+                .await
+                .with_context(|| format!("cannot listen on 127.0.0.1:{port} (is it in use? pass --port)"))?;
+            eprintln!("listening on http://127.0.0.1:{port} (Ctrl-C to stop)");
+            let receiver =
+                Arc::new(listen::Receiver { secret, compact: false, quiet: *quiet, status, count: Default::default() });
+            listen::serve(listener, receiver).await?;
+            Ok(OK)
+        }
+        Command::Demo => demo(cli, &out).await,
+    }
+}
+
+fn selected(engine: &Engine, syncs: &[String], all: bool) -> anyhow::Result<Vec<String>> {
+    if all {
+        return Ok(engine.project.syncs.iter().map(|s| s.name.clone()).collect());
+    }
+    if syncs.is_empty() {
+        anyhow::bail!("name the syncs to run, or pass --all");
+    }
+    for s in syncs {
+        engine.project.sync(s)?;
+    }
+    Ok(syncs.to_vec())
+}
+
+/// Runs syncs in order; the exit code is the worst of them.
+async fn run(engine: &Engine, names: &[String], full: bool, out: &output::Output) -> anyhow::Result<u8> {
+    let mut code = OK;
+    let mut reports = Vec::new();
+    for name in names {
+        let progress = output::TerminalProgress::new(out.json);
+        match engine.run(name, full, &progress).await {
+            Ok(report) => {
+                if !report.complete() {
+                    code = code.max(INCOMPLETE);
+                }
+                out.run(&report);
+                reports.push(serde_json::to_value(&report)?);
+            }
+            Err(e) => {
+                code = FATAL;
+                eprintln!("error: {e}");
+                reports.push(serde_json::json!({"sync": name, "error": e.to_string()}));
+            }
+        }
+    }
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(code)
+}
+
+/// `backflow demo`: a receiver on a free local port, every sync run against
+/// it (the example syncs read `${BACKFLOW_DEMO_URL}`), what arrived printed.
+async fn demo(cli: &Cli, out: &output::Output) -> anyhow::Result<u8> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let secret = "demo-secret";
+    let receiver = Arc::new(listen::Receiver {
+        secret: Some(secret.as_bytes().to_vec()),
+        compact: true,
+        quiet: false,
+        status: axum::http::StatusCode::OK,
+        count: Default::default(),
+    });
+    tokio::spawn(listen::serve(listener, receiver.clone()));
+    let env = Env::process().with("BACKFLOW_DEMO_URL", &url).with("BACKFLOW_DEMO_SECRET", secret);
+    let engine = load(cli, env)?;
+    let names: Vec<String> = engine.project.syncs.iter().map(|s| s.name.clone()).collect();
+    eprintln!("demo receiver on {url}; running {} sync(s): {}", names.len(), names.join(", "));
+    let code = run(&engine, &names, false, out).await?;
+    let n = receiver.count.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "\nthe receiver got {n} request(s). Run `backflow demo` again: only what changed is sent \
+         (edit syncs/data/*.csv to see changes, `backflow reset SYNC` to start over)."
+    );
+    Ok(code)
+}

@@ -1,0 +1,278 @@
+//! What the commands print: text for people, `--json` for machines, and a
+//! progress bar when stderr is a terminal.
+
+use backflow_diff::KeyRecord;
+use backflow_engine::{CheckReport, Engine, Plan, Progress, RunReport, SyncHistory};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+pub struct Output {
+    pub json: bool,
+}
+
+fn pretty(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+impl Output {
+    pub fn validated(&self, engine: &Engine) {
+        let syncs: Vec<_> = engine
+            .project
+            .syncs
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "mode": s.spec.mode, "warehouse": s.spec.warehouse}))
+            .collect();
+        if self.json {
+            println!("{}", pretty(&serde_json::json!({"valid": true, "syncs": syncs})));
+            return;
+        }
+        println!("ok: {} sync(s) valid", syncs.len());
+        for s in &engine.project.syncs {
+            println!("  {:<24} {:<7} warehouse {}", s.name, s.spec.mode, s.spec.warehouse);
+        }
+    }
+
+    pub fn plan(&self, plan: &Plan) {
+        if self.json {
+            println!("{}", pretty(plan));
+            return;
+        }
+        let c = &plan.counts;
+        println!(
+            "plan for {} (mode {}{}) — nothing sent, nothing committed",
+            plan.sync,
+            plan.mode,
+            if plan.full { ", full" } else { "" }
+        );
+        println!(
+            "  rows {}: added {}, changed {}, removed {}, unchanged {}",
+            c.rows, c.added, c.changed, c.removed, c.unchanged
+        );
+        let ops: Vec<String> = plan.ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        let ops = if ops.is_empty() { String::new() } else { format!(": {}", ops.join(", ")) };
+        println!("  would send {} record(s){ops}", c.to_send);
+        if c.forgotten > 0 {
+            println!("  would forget {} removed key(s) (mode {} sends nothing for them)", c.forgotten, plan.mode);
+        }
+        if plan.mapping_changed {
+            println!("  the mapping changed since the last delivery: rows whose payload it changes are re-sent");
+        }
+        if plan.invalid_keys.skipped {
+            println!(
+                "  skipping rows with invalid keys: {} with NULL, {} duplicated",
+                plan.invalid_keys.null_rows, plan.invalid_keys.duplicate_rows
+            );
+        }
+        for (i, sample) in plan.samples.iter().enumerate() {
+            println!("  sample {}: {}", i + 1, sample);
+        }
+    }
+
+    pub fn run(&self, r: &RunReport) {
+        if self.json {
+            return;
+        }
+        let c = &r.counts;
+        let delivered: Vec<String> = r.delivered.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        println!(
+            "{}: {} in {:.1}s — rows {}: added {}, changed {}, removed {}, unchanged {}; delivered {}{}; rejected {}; pending {}",
+            r.sync,
+            r.status,
+            r.seconds,
+            c.rows,
+            c.added,
+            c.changed,
+            c.removed,
+            c.unchanged,
+            r.delivered_total(),
+            if delivered.is_empty() { String::new() } else { format!(" ({})", delivered.join(", ")) },
+            r.rejected,
+            r.pending
+        );
+        if c.forgotten > 0 {
+            println!("  forgot {} removed key(s)", c.forgotten);
+        }
+        if r.mapping_changed {
+            println!("  the mapping changed since the last delivery");
+        }
+        if r.invalid_keys.skipped {
+            println!(
+                "  skipped rows with invalid keys: {} with NULL, {} duplicated ({} keys)",
+                r.invalid_keys.null_rows, r.invalid_keys.duplicate_rows, r.invalid_keys.duplicate_keys
+            );
+        }
+        if let Some(why) = &r.stopped_early {
+            println!("  {why}");
+        }
+        for f in &r.failures {
+            let status = f.status.map_or("-".to_string(), |s| s.to_string());
+            println!(
+                "  failed {} {} [{}] {}{}",
+                f.op,
+                f.key,
+                status,
+                f.reason,
+                if f.body.is_empty() { String::new() } else { format!(": {}", f.body.trim()) }
+            );
+        }
+        if (r.rejected + r.pending) as usize > r.failures.len() {
+            println!("  (see `backflow history {} --rejections` for all)", r.sync);
+        }
+    }
+
+    pub fn check(&self, r: &CheckReport) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "sync": r.sync,
+                    "ok": r.ok(),
+                    "source": r.source.as_ref().map_err(String::as_str).map_or_else(|e| serde_json::json!({"error": e}), |c| serde_json::json!({"columns": c})),
+                    "destination": r.destination.as_ref().map_err(String::as_str).map_or_else(|e| serde_json::json!({"error": e}), |a| serde_json::json!({"address": a})),
+                })
+            );
+            return;
+        }
+        match &r.source {
+            Ok(columns) => println!("{}: source ok ({} columns: {})", r.sync, columns.len(), columns.join(", ")),
+            Err(e) => println!("{}: source FAILED: {e}", r.sync),
+        }
+        match &r.destination {
+            Ok(addr) => println!("{}: destination reachable ({addr})", r.sync),
+            Err(e) => println!("{}: destination FAILED: {e}", r.sync),
+        }
+    }
+
+    pub fn reset(&self, sync: &str, n: u64) {
+        if self.json {
+            println!("{}", serde_json::json!({"sync": sync, "forgotten_keys": n}));
+        } else {
+            println!("{sync}: forgot {n} delivered key(s); the next run sends every row as added");
+        }
+    }
+
+    pub fn history(&self, engine: &Engine, history: &[SyncHistory], rejections: bool) -> anyhow::Result<()> {
+        if self.json {
+            let mut out = Vec::new();
+            for h in history {
+                let mut v = serde_json::to_value(h)?;
+                if rejections {
+                    let mut rej = serde_json::Map::new();
+                    for run in &h.runs {
+                        rej.insert(run.run_id.clone(), serde_json::to_value(engine.rejections(&h.sync, &run.run_id)?)?);
+                    }
+                    v["rejections"] = serde_json::Value::Object(rej);
+                }
+                out.push(v);
+            }
+            println!("{}", pretty(&out));
+            return Ok(());
+        }
+        for h in history {
+            if h.running {
+                println!("{}: running now", h.sync);
+                continue;
+            }
+            if h.runs.is_empty() {
+                println!("{}: never run", h.sync);
+                continue;
+            }
+            println!("{}:", h.sync);
+            for run in &h.runs {
+                println!(
+                    "  {}  {:<9} {}{}  {}",
+                    run.started_at,
+                    run.status,
+                    run.run_id,
+                    if run.full { " (full)" } else { "" },
+                    run.counts
+                );
+                if let Some(m) = &run.message {
+                    println!("    {m}");
+                }
+                if rejections {
+                    for f in engine.rejections(&h.sync, &run.run_id)? {
+                        println!(
+                            "    failed {} {} [{}] {}",
+                            f.op,
+                            f.key,
+                            f.status.map_or("-".into(), |s| s.to_string()),
+                            f.reason
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn inspect(&self, sync: &str, record: &KeyRecord) {
+        if self.json {
+            println!("{}", pretty(record));
+            return;
+        }
+        println!("{sync} {}", record.key);
+        match &record.delivered {
+            Some(d) => {
+                println!("  delivered {} at {} (run {}, message {})", d.op, d.delivered_at, d.run_id, d.message_id);
+                println!("  payload: {}", d.payload);
+            }
+            None => println!("  not in the snapshot (never delivered, forgotten, or deleted)"),
+        }
+        if let Some(r) = &record.last_rejection {
+            println!(
+                "  last failure at {}: {} [{}] {}",
+                r.at,
+                r.op,
+                r.status.map_or("-".into(), |s| s.to_string()),
+                r.reason
+            );
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal (and not `--json`).
+pub struct TerminalProgress {
+    bar: Mutex<Option<ProgressBar>>,
+    enabled: bool,
+}
+
+impl TerminalProgress {
+    pub fn new(json: bool) -> Self {
+        TerminalProgress { bar: Mutex::new(None), enabled: !json && std::io::stderr().is_terminal() }
+    }
+}
+
+impl Progress for TerminalProgress {
+    fn phase(&self, sync: &str, phase: &str, total: Option<u64>) {
+        if !self.enabled {
+            return;
+        }
+        let bar = match total {
+            Some(n) => ProgressBar::new(n).with_style(
+                ProgressStyle::with_template("{prefix} {msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            ),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{prefix} {msg} {spinner} {pos} rows {per_sec}").expect("valid template"),
+            ),
+        };
+        bar.set_prefix(sync.to_string());
+        bar.set_message(phase.to_string());
+        *self.bar.lock().expect("progress lock") = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = &*self.bar.lock().expect("progress lock") {
+            bar.inc(n);
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = self.bar.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+}

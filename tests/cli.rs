@@ -1,0 +1,239 @@
+//! End to end: the real binary, a real DuckDB warehouse, a real receiver.
+
+mod common;
+
+use backflow_testkit::Reply;
+use common::{Project, bin, finish, repo, sync};
+use std::collections::HashMap;
+use std::io::Read;
+use std::time::Duration;
+
+#[test]
+fn every_example_sync_validates() {
+    let out = finish(bin().arg("--project").arg(repo()).arg("validate").output().unwrap());
+    assert_eq!(out.code, 0, "{}", out.all());
+    let names: Vec<String> = std::fs::read_dir(repo().join("syncs"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "yaml").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    assert!(names.len() >= 5);
+    for name in names {
+        assert!(out.stdout.contains(&name), "{name} missing from:\n{}", out.stdout);
+    }
+}
+
+#[test]
+fn demo_delivers_every_example_then_nothing_more() {
+    let dir = common::example_project();
+    let demo = || finish(bin().arg("--project").arg(dir.path()).arg("demo").output().unwrap());
+    let first = demo();
+    assert_eq!(first.code, 0, "{}", first.all());
+    assert!(first.stdout.contains("POST /crm/contacts  upsert added key={\"customer_id\":1}"), "{}", first.stdout);
+    assert!(first.stdout.contains("crm_contacts: succeeded"), "{}", first.stdout);
+    assert!(first.stdout.contains("gdpr_deletions: succeeded"), "{}", first.stdout);
+    assert!(!first.all().contains("MISMATCH"));
+    let second = demo();
+    assert_eq!(second.code, 0, "{}", second.all());
+    assert!(second.stderr.contains("the receiver got 0 request(s)"), "{}", second.all());
+}
+
+#[test]
+fn exit_codes_say_delivered_incomplete_or_fatal() {
+    let p = Project::new(&sync("mirror", ""));
+    p.sql("insert into items values (1, 'a', 1), (2, 'b', 2)");
+    let ok = p.backflow(&["run", "s"]);
+    assert_eq!(ok.code, 0, "{}", ok.all());
+    assert!(ok.stdout.contains("s: succeeded"), "{}", ok.stdout);
+
+    p.sql("update items set score = 5");
+    p.receiver.respond(|r, _| if r.json()["id"] == 2 { Reply::Status(400) } else { Reply::Status(200) });
+    let partial = p.backflow(&["run", "--all"]);
+    assert_eq!(partial.code, 1, "{}", partial.all());
+    assert!(partial.stdout.contains("rejected 1"), "{}", partial.stdout);
+    assert!(partial.stdout.contains(r#"failed upsert {"id":2} [400]"#), "{}", partial.stdout);
+
+    let unknown = p.backflow(&["run", "nope"]);
+    assert_eq!(unknown.code, 2);
+    assert!(unknown.stderr.contains("no such sync"), "{}", unknown.stderr);
+    p.write("syncs/s.yaml", "warehouse: wh\nmode: upsert\nprimary_key: id\nquery: x\ndestinaton: {}\n");
+    let bad = p.backflow(&["validate"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("syncs/s.yaml:5:1: unknown field `destinaton`"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("did you mean `destination`?"), "{}", bad.stderr);
+}
+
+#[test]
+fn plan_inspect_history_and_reset_from_the_command_line() {
+    let p = Project::new(&sync("upsert", ""));
+    p.sql("insert into items values (7, 'seven', 70)");
+    let plan = p.backflow(&["plan", "s"]);
+    assert_eq!(plan.code, 0, "{}", plan.all());
+    assert!(plan.stdout.contains("added 1"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("would send 1 record(s): upsert 1"), "{}", plan.stdout);
+    assert!(p.receiver.requests().is_empty());
+
+    let json = p.backflow(&["--json", "run", "s"]);
+    assert_eq!(json.code, 0, "{}", json.all());
+    let reports: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(reports[0]["status"], "succeeded");
+    assert_eq!(reports[0]["delivered"]["upsert"], 1);
+
+    let inspect = p.backflow(&["inspect", "s", "7"]);
+    assert_eq!(inspect.code, 0, "{}", inspect.all());
+    assert!(inspect.stdout.contains(r#""name":"seven""#), "{}", inspect.stdout);
+
+    let history = p.backflow(&["history"]);
+    assert!(history.stdout.contains("succeeded"), "{}", history.stdout);
+
+    let reset = p.backflow(&["reset", "s"]);
+    assert!(reset.stdout.contains("forgot 1"), "{}", reset.stdout);
+    assert!(p.backflow(&["plan", "s"]).stdout.contains("added 1"));
+}
+
+#[test]
+fn a_second_concurrent_run_is_refused() {
+    let p = Project::new(&sync("upsert", "  concurrency: 1\n"));
+    p.sql("insert into items select range, 'x', 0 from range(20)");
+    p.receiver.respond(|_, _| Reply::Stall(Duration::from_millis(100)));
+    let mut first = p.spawn(&["run", "s"]);
+    p.receiver.wait_for(1, Duration::from_secs(30));
+    let second = p.backflow(&["run", "s"]);
+    assert_eq!(second.code, 2, "{}", second.all());
+    assert!(second.stderr.contains("sync `s` is already running"), "{}", second.stderr);
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+#[test]
+fn sigkill_mid_delivery_loses_nothing() {
+    let p = Project::new(&sync("mirror", "  concurrency: 2\n"));
+    p.sql("insert into items select range, 'n' || range, range from range(300)");
+    p.receiver.respond(|_, _| Reply::Stall(Duration::from_millis(20)));
+    let mut run = p.spawn(&["run", "s"]);
+    p.receiver.wait_for(120, Duration::from_secs(60));
+    run.kill().unwrap(); // SIGKILL
+    run.wait().unwrap();
+    let first = p.receiver.requests();
+    assert!(first.len() < 300, "killed mid-delivery");
+
+    p.receiver.respond(|_, _| Reply::Status(200));
+    let again = p.backflow(&["run", "s"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    let all = p.receiver.requests();
+    let mut ids: HashMap<u64, Vec<String>> = HashMap::new();
+    for r in &all {
+        let meta = r.json()["_meta"].clone();
+        ids.entry(meta["key"]["id"].as_u64().unwrap()).or_default().push(meta["message_id"].as_str().unwrap().into());
+    }
+    assert_eq!(ids.len(), 300, "every row arrived");
+    for (id, messages) in &ids {
+        assert!(messages.iter().all(|m| m == &messages[0]), "key {id} re-sent with another message id");
+    }
+    assert!(all.len() < 300 + first.len(), "acknowledged records were not all sent again");
+    let last = p.backflow(&["run", "s"]);
+    assert_eq!(last.code, 0, "{}", last.all());
+    assert!(last.stdout.contains("unchanged 300; delivered 0"), "{}", last.stdout);
+    let history = p.backflow(&["history"]);
+    assert_eq!(history.code, 0, "the state store is intact: {}", history.all());
+    assert!(history.stdout.contains("interrupted"), "the killed run is marked: {}", history.stdout);
+}
+
+#[test]
+fn listen_prints_requests_and_verifies_signatures() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let signed = "  signing: {scheme: hmac-sha1, secret: \"${BF_TEST_SIGNING}\"}\n";
+    let p = Project::new(&sync("upsert", signed).replace("{URL}", &format!("http://127.0.0.1:{port}")));
+    p.sql("insert into items values (1, 'a', 1)");
+    let mut listener = bin()
+        .args(["listen", "--port", &port.to_string(), "--secret-env", "BF_LISTEN_SECRET"])
+        .env("BF_LISTEN_SECRET", "right")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = listener.stderr.take().unwrap();
+    let mut first = [0u8; 9];
+    stderr.read_exact(&mut first).unwrap(); // "listening" once bound
+    let good = finish(p.cmd(&["run", "s"]).env("BF_TEST_SIGNING", "right").output().unwrap());
+    assert_eq!(good.code, 0, "{}", good.all());
+    p.sql("update items set score = 2");
+    let bad = finish(p.cmd(&["run", "s"]).env("BF_TEST_SIGNING", "wrong").output().unwrap());
+    assert_eq!(bad.code, 0, "{}", bad.all());
+    listener.kill().unwrap();
+    let mut printed = String::new();
+    listener.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+    assert!(printed.contains("── #1 POST /hook"), "{printed}");
+    assert!(printed.contains("[signature ok]"), "{printed}");
+    assert!(printed.contains("[SIGNATURE MISMATCH]"), "{printed}");
+    assert!(printed.contains("\"name\": \"a\""), "{printed}");
+}
+
+#[test]
+fn secrets_never_reach_output_or_history() {
+    let p = Project::new(&sync("upsert", "  headers:\n    Authorization: Bearer ${BF_TEST_TOKEN}\n"));
+    p.sql("insert into items values (1, 'a', 1)");
+    p.receiver.respond(|_, _| Reply::Status(401));
+    let secret = "tok-9f8e7d6c5b4a";
+    let run = finish(p.cmd(&["-vv", "run", "s"]).env("BF_TEST_TOKEN", secret).output().unwrap());
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert_eq!(p.receiver.requests()[0].header("authorization"), Some("Bearer tok-9f8e7d6c5b4a"));
+    let plan = finish(p.cmd(&["plan", "s"]).env("BF_TEST_TOKEN", secret).output().unwrap());
+    let history = finish(p.cmd(&["history", "--rejections"]).env("BF_TEST_TOKEN", secret).output().unwrap());
+    for out in [&run, &plan, &history] {
+        assert!(!out.all().contains(secret), "secret leaked:\n{}", out.all());
+    }
+    let broken = finish(p.cmd(&["validate"]).env("BF_TEST_TOKEN", "x\r\nInjected: 1").output().unwrap());
+    assert_eq!(broken.code, 2);
+    assert!(broken.stderr.contains("destination.headers.Authorization"), "{}", broken.stderr);
+    assert!(!broken.all().contains("Injected"), "{}", broken.all());
+    let missing = finish(p.cmd(&["validate"]).output().unwrap());
+    assert_eq!(missing.code, 2);
+    assert!(
+        missing.stderr.contains("syncs/s.yaml:9:27: environment variable BF_TEST_TOKEN is not set"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[test]
+fn check_reaches_both_ends_and_names_what_fails() {
+    let p = Project::new(&sync("upsert", ""));
+    let ok = p.backflow(&["check", "s"]);
+    assert_eq!(ok.code, 0, "{}", ok.all());
+    assert!(ok.stdout.contains("s: source ok (3 columns: id, name, score)"), "{}", ok.stdout);
+    assert!(ok.stdout.contains("s: destination reachable (127.0.0.1:"), "{}", ok.stdout);
+    assert!(p.receiver.requests().is_empty(), "check sends nothing");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    p.write(
+        "syncs/s.yaml",
+        &sync("upsert", "")
+            .replace("{URL}", &format!("http://127.0.0.1:{port}"))
+            .replace("select id, name, score", "select name, score"),
+    );
+    let bad = p.backflow(&["check"]);
+    assert_eq!(bad.code, 2, "{}", bad.all());
+    assert!(
+        bad.stdout.contains("s: source FAILED: primary_key: column `id` is not returned by the query"),
+        "{}",
+        bad.stdout
+    );
+    assert!(bad.stdout.contains("destination FAILED: cannot connect to 127.0.0.1"), "{}", bad.stdout);
+}
+
+#[test]
+fn serve_runs_scheduled_syncs_when_due() {
+    let p = Project::new(&format!("{}schedule: {{every: 300ms}}\n", sync("append", "")));
+    p.sql("insert into items values (1, 'a', 1)");
+    let mut serve = p.spawn(&["serve"]);
+    p.receiver.wait_for(1, Duration::from_secs(30));
+    p.sql("update items set score = 2");
+    p.receiver.wait_for(2, Duration::from_secs(30));
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+    let scores: Vec<_> = p.receiver.bodies().iter().map(|b| b["score"].clone()).collect();
+    assert_eq!(scores[..2], [serde_json::json!(1), serde_json::json!(2)]);
+}
