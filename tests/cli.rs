@@ -163,6 +163,7 @@ fn listen_prints_requests_and_verifies_signatures() {
     let bad = finish(p.cmd(&["run", "s"]).env("BF_TEST_SIGNING", "wrong").output().unwrap());
     assert_eq!(bad.code, 0, "{}", bad.all());
     listener.kill().unwrap();
+    listener.wait().unwrap();
     let mut printed = String::new();
     listener.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
     assert!(printed.contains("── #1 POST /hook"), "{printed}");

@@ -511,9 +511,9 @@ impl StateStore {
     }
 
     fn query_rejections(&self, filter: &str, arg: &str) -> Result<Vec<Rejection>, DiffError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT key, op, message_id, status, reason, body, failed_at FROM rejections {filter}"))?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT key, op, message_id, status, reason, body, failed_at FROM rejections {filter}"
+        ))?;
         let rows = stmt.query_map([arg], |r| {
             Ok(Rejection {
                 key: r.get(0)?,

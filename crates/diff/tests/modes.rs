@@ -30,8 +30,11 @@ fn stage(store: &StateStore, rows: &[(u32, &str)]) {
     stager.finish().unwrap();
 }
 
+/// What a run sent: (id, change, op, value).
+type Sent = Vec<(u32, Change, Op, String)>;
+
 /// Diffs, "delivers" the whole outbox with success, and returns what was sent.
-fn run(store: &StateStore, mode: Mode, full: bool) -> (DiffCounts, Vec<(u32, Change, Op, String)>) {
+fn run(store: &StateStore, mode: Mode, full: bool) -> (DiffCounts, Sent) {
     let counts = store.diff(mode, full).unwrap();
     if mode.forgets_removed() {
         store.forget_removed().unwrap();
@@ -76,7 +79,7 @@ fn snap(pairs: &[(u32, &str)]) -> BTreeMap<u32, String> {
 
 /// First run delivers a=1, b=2, c=3; then a is unchanged, b changed, c
 /// removed, d added.
-fn second_run(mode: Mode) -> (State, DiffCounts, Vec<(u32, Change, Op, String)>) {
+fn second_run(mode: Mode) -> (State, DiffCounts, Sent) {
     let s = state();
     stage(&s.store, &[(1, "a"), (2, "b"), (3, "c")]);
     let (counts, first) = run(&s.store, mode, false);

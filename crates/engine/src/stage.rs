@@ -75,7 +75,7 @@ impl RowConsumer for Staging<'_> {
 
     fn row(&mut self, values: Vec<Value>) -> Result<(), String> {
         self.rows += 1;
-        if self.rows % 10_000 == 0 {
+        if self.rows.is_multiple_of(10_000) {
             self.progress.advance(10_000);
         }
         let mut key = Map::new();

@@ -274,7 +274,7 @@ fn request_target(url: &str) -> &[u8] {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let start = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
     let end = url.find('#').unwrap_or(url.len());
-    if start >= end { b"/" } else { url[start..end].as_bytes() }
+    if start >= end { b"/" } else { &url.as_bytes()[start..end] }
 }
 
 /// A batch's id: deterministic in its records' message ids.
