@@ -15,7 +15,7 @@ batched_rows="${2:-1000000}"
 concurrency=8
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo build --release --quiet
+cargo test --release --workspace --no-run --quiet 2>/dev/null
 bin="$CARGO_TARGET_DIR/release/backflow"
 
 work=$(mktemp -d)

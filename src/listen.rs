@@ -47,7 +47,7 @@ async fn handle(
             let signed: &[u8] = if method == Method::GET { target.as_bytes() } else { &body };
             if verify_hmac_sha1(secret, signed, sig) { "signature ok" } else { "SIGNATURE MISMATCH" }
         }
-        (Some(_), None) => "no X-Signature",
+        (Some(_), None) => "unsigned",
         (None, Some(_)) => "signed (pass --secret-env to verify)",
         (None, None) => "",
     };

@@ -3,7 +3,7 @@
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The mapping part of a sync: what the payload holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,10 +42,64 @@ pub enum MappingError {
 /// A mapping checked against the query's columns, ready to build payloads.
 #[derive(Debug, Clone)]
 pub struct CompiledMapping {
-    /// (destination path, column index) in mapping order.
-    fields: Vec<(Vec<String>, usize)>,
-    /// Static fields with their paths.
-    statics: Vec<(Vec<String>, Value)>,
+    /// The payload's top-level fields, in order.
+    fields: Vec<Field>,
+}
+
+/// One field of a payload object: its name, already JSON-escaped, and where
+/// its value comes from.
+#[derive(Debug, Clone)]
+struct Field {
+    name: String,
+    json_name: String,
+    slot: Slot,
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    /// The value of the query's column at this position.
+    Column(usize),
+    /// A static value, as JSON text.
+    Static(String),
+    /// A nested object (from dotted names).
+    Object(Vec<Field>),
+}
+
+/// Adds the field at `path` to `fields`, nesting objects for dotted names;
+/// an object already started keeps its place (the first name that opened it).
+fn place(fields: &mut Vec<Field>, path: &[&str], slot: Slot) {
+    let Some((first, rest)) = path.split_first() else { return };
+    let index = match fields.iter().position(|f| f.name == *first) {
+        Some(i) => i,
+        None => {
+            let json_name = Value::from(*first).to_string();
+            let slot = if rest.is_empty() { slot.clone() } else { Slot::Object(Vec::new()) };
+            fields.push(Field { name: first.to_string(), json_name, slot });
+            fields.len() - 1
+        }
+    };
+    if rest.is_empty() {
+        fields[index].slot = slot;
+    } else if let Slot::Object(children) = &mut fields[index].slot {
+        place(children, rest, slot);
+    }
+}
+
+fn write_object(fields: &[Field], row: &[Value], out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(field.json_name.as_bytes());
+        out.push(b':');
+        match &field.slot {
+            Slot::Column(index) => serde_json::to_writer(&mut *out, &row[*index]).expect("JSON values serialize"),
+            Slot::Static(text) => out.extend_from_slice(text.as_bytes()),
+            Slot::Object(children) => write_object(children, row, out),
+        }
+    }
+    out.push(b'}');
 }
 
 impl Mapping {
@@ -67,54 +121,46 @@ impl Mapping {
     /// Resolves column names to positions in the query's rows.
     pub fn compile(&self, columns: &[String]) -> Result<CompiledMapping, MappingError> {
         self.validate()?;
-        let path = |name: &str| name.split('.').map(str::to_string).collect::<Vec<_>>();
-        let fields = if self.fields.is_empty() {
-            columns.iter().enumerate().map(|(i, c)| (vec![c.clone()], i)).collect()
+        let mut fields = Vec::new();
+        if self.fields.is_empty() {
+            for (i, column) in columns.iter().enumerate() {
+                place(&mut fields, &[column.as_str()], Slot::Column(i));
+            }
         } else {
-            self.fields
-                .iter()
-                .map(|(field, column)| {
-                    let index =
-                        columns.iter().position(|c| c == column).ok_or_else(|| MappingError::UnknownColumn {
-                            field: field.clone(),
-                            column: column.clone(),
-                            available: columns.join(", "),
-                        })?;
-                    Ok((path(field), index))
-                })
-                .collect::<Result<_, _>>()?
-        };
-        let statics = self.statics.iter().map(|(k, v)| (path(k), v.clone())).collect();
-        Ok(CompiledMapping { fields, statics })
+            for (field, column) in &self.fields {
+                let index = columns.iter().position(|c| c == column).ok_or_else(|| MappingError::UnknownColumn {
+                    field: field.clone(),
+                    column: column.clone(),
+                    available: columns.join(", "),
+                })?;
+                place(&mut fields, &field.split('.').collect::<Vec<_>>(), Slot::Column(index));
+            }
+        }
+        for (field, value) in &self.statics {
+            place(&mut fields, &field.split('.').collect::<Vec<_>>(), Slot::Static(value.to_string()));
+        }
+        Ok(CompiledMapping { fields })
     }
 }
 
 impl CompiledMapping {
-    /// Builds the payload of one row (values in query column order).
-    pub fn payload(&self, row: &[Value]) -> Map<String, Value> {
-        let mut out = Map::new();
-        for (path, index) in &self.fields {
-            insert(&mut out, path, row[*index].clone());
-        }
-        for (path, value) in &self.statics {
-            insert(&mut out, path, value.clone());
-        }
-        out
+    /// Whether the payload has a top-level field called `name`.
+    pub fn has_field(&self, name: &str) -> bool {
+        self.fields.iter().any(|f| f.name == name)
     }
-}
 
-fn insert(map: &mut Map<String, Value>, path: &[String], value: Value) {
-    match path {
-        [] => {}
-        [last] => {
-            map.insert(last.clone(), value);
-        }
-        [first, rest @ ..] => {
-            let child = map.entry(first.clone()).or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(child) = child {
-                insert(child, rest, value);
-            }
-        }
+    /// Writes the payload of one row (values in query column order) as
+    /// compact JSON: fields in mapping order, then statics; nested objects
+    /// where a dotted name first opened them.
+    pub fn write_payload(&self, row: &[Value], out: &mut Vec<u8>) {
+        write_object(&self.fields, row, out);
+    }
+
+    /// The payload of one row as compact JSON text.
+    pub fn payload(&self, row: &[Value]) -> String {
+        let mut out = Vec::with_capacity(256);
+        self.write_payload(row, &mut out);
+        String::from_utf8(out).expect("JSON is UTF-8")
     }
 }
 
@@ -138,17 +184,21 @@ mod tests {
         );
         let cols = ["zip", "mail", "city"].map(String::from);
         let p = m.compile(&cols).unwrap().payload(&[json!("8000"), json!("a@b.c"), json!("Zurich")]);
-        assert_eq!(
-            serde_json::to_string(&p).unwrap(),
-            r#"{"email":"a@b.c","address":{"city":"Zurich","zip":"8000"},"automation_id":"welcome-42"}"#
-        );
+        assert_eq!(p, r#"{"email":"a@b.c","address":{"city":"Zurich","zip":"8000"},"automation_id":"welcome-42"}"#);
+    }
+
+    #[test]
+    fn statics_join_objects_opened_by_fields() {
+        let m = mapping(&[("address.city", "city"), ("id", "id")], &[("address.zone", json!({"n": 1}))]);
+        let p = m.compile(&["id".into(), "city".into()]).unwrap().payload(&[json!(7), json!("Oslo \"N\"")]);
+        assert_eq!(p, r#"{"address":{"city":"Oslo \"N\"","zone":{"n":1}},"id":7}"#);
     }
 
     #[test]
     fn empty_mapping_sends_every_column() {
         let cols = ["id", "name"].map(String::from);
         let p = Mapping::default().compile(&cols).unwrap().payload(&[json!(1), json!("x")]);
-        assert_eq!(Value::Object(p), json!({"id": 1, "name": "x"}));
+        assert_eq!(p, r#"{"id":1,"name":"x"}"#);
     }
 
     #[test]

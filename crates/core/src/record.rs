@@ -149,12 +149,11 @@ pub type KeyText = String;
 /// One change on its way to the receiver.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// The primary key as a JSON object (column → value).
-    pub key: Map<String, Value>,
-    /// Canonical text of `key`.
+    /// The primary key in its canonical text form (a compact JSON object).
     pub key_text: KeyText,
-    /// The mapped payload (without metadata).
-    pub payload: Map<String, Value>,
+    /// The mapped payload (without metadata) as compact JSON object text,
+    /// exactly as fingerprinted and stored in the snapshot.
+    pub payload: String,
     /// Values of the columns the request URL needs (placeholders and query
     /// parameters), by column name; empty when the URL needs none.
     pub route: Map<String, Value>,

@@ -9,7 +9,10 @@
 //! leaves a stale lock behind.
 //!
 //! Contract: the snapshot advances only through [`StateStore::ack`], which the
-//! caller invokes after a 2xx for those records; each call is one transaction.
+//! caller invokes after a 2xx for those records; each call is committed to an
+//! append-only ack log before it returns, and the log is folded into the
+//! snapshot at the end of a run (or, after a crash, when the state is next
+//! opened), so acknowledging costs an append, not an index update.
 //! What was sent but not acknowledged is computed as a change again by the
 //! next run, with the same fingerprint and so the same message id.
 #![deny(missing_docs)]

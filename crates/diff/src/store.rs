@@ -9,7 +9,7 @@ use std::path::Path;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS snapshot (
-    key VARCHAR PRIMARY KEY,
+    key VARCHAR NOT NULL,
     fingerprint UBIGINT NOT NULL,
     payload VARCHAR NOT NULL,
     route VARCHAR,
@@ -40,6 +40,17 @@ CREATE TABLE IF NOT EXISTS rejections (
     failed_at VARCHAR NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS acks (
+    key VARCHAR NOT NULL,
+    fingerprint UBIGINT NOT NULL,
+    payload VARCHAR NOT NULL,
+    route VARCHAR,
+    op VARCHAR NOT NULL,
+    message_id VARCHAR NOT NULL,
+    removed BOOLEAN NOT NULL,
+    run_id VARCHAR NOT NULL,
+    delivered_at VARCHAR NOT NULL
+);
 ";
 
 /// The state of one sync, opened exclusively.
@@ -209,6 +220,27 @@ impl Stager<'_> {
     }
 }
 
+/// State files written before the ack log kept the snapshot under a primary
+/// key, which DuckDB checks too eagerly for a delete and re-insert of the
+/// same key in one transaction; the table is rebuilt without it.
+fn drop_snapshot_primary_key(conn: &Connection) -> Result<(), DiffError> {
+    let keyed: i64 = conn.query_row(
+        "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'snapshot' AND constraint_type = 'PRIMARY KEY'",
+        [],
+        |r| r.get(0),
+    )?;
+    if keyed > 0 {
+        conn.execute_batch(
+            "BEGIN TRANSACTION;
+             CREATE TABLE snapshot_unkeyed AS SELECT * FROM snapshot;
+             DROP TABLE snapshot;
+             ALTER TABLE snapshot_unkeyed RENAME TO snapshot;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 /// The current time as RFC 3339 UTC with milliseconds.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -242,7 +274,10 @@ impl StateStore {
             }
         })?;
         conn.execute_batch(SCHEMA)?;
-        Ok(StateStore { conn, sync: sync.to_string() })
+        drop_snapshot_primary_key(&conn)?;
+        let store = StateStore { conn, sync: sync.to_string() };
+        store.fold_acks()?;
+        Ok(store)
     }
 
     /// The sync this state belongs to.
@@ -283,6 +318,7 @@ impl StateStore {
     /// records to send in `mode`. With `full`, every staged row counts as
     /// added and no key counts as removed (a full re-sync never mass-deletes).
     pub fn diff(&self, mode: Mode, full: bool) -> Result<DiffCounts, DiffError> {
+        self.fold_acks()?;
         let added = if full { "TRUE" } else { "s.key IS NULL" };
         let removed = if full {
             String::new()
@@ -341,35 +377,36 @@ impl StateStore {
         Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    /// Records to send with `row_num > after`, in order, at most `limit`.
+    /// Records to send with `row_num > after`, in order, at most `limit`
+    /// (row numbers are dense, so a page is a range of them). Read as Arrow
+    /// columns: a page costs a scan, not a value conversion per cell.
     pub fn outbox_page(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, DiffError> {
+        use duckdb::arrow::array::{Array, AsArray};
+        use duckdb::arrow::datatypes::{Int64Type, UInt64Type};
         let mut stmt = self.conn.prepare(
             "SELECT row_num, key, change, op, fingerprint, payload, route FROM outbox
-             WHERE row_num > ? ORDER BY row_num LIMIT ?",
+             WHERE row_num > ? AND row_num <= ? ORDER BY row_num",
         )?;
-        let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, u64>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<String>>(6)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (row_num, key, change, op, fingerprint, payload, route) = row?;
-            out.push(OutboxRow {
-                row_num: row_num as u64,
-                key,
-                change: Change::parse(&change).expect("diff writes known changes"),
-                op: Op::parse(&op).expect("diff writes known ops"),
-                fingerprint,
-                payload,
-                route,
-            });
+        let mut out = Vec::with_capacity(limit);
+        for batch in stmt.query_arrow(params![after as i64, after as i64 + limit as i64])? {
+            let row_num = batch.column(0).as_primitive::<Int64Type>();
+            let key = batch.column(1).as_string::<i32>();
+            let change = batch.column(2).as_string::<i32>();
+            let op = batch.column(3).as_string::<i32>();
+            let fingerprint = batch.column(4).as_primitive::<UInt64Type>();
+            let payload = batch.column(5).as_string::<i32>();
+            let route = batch.column(6).as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                out.push(OutboxRow {
+                    row_num: row_num.value(i) as u64,
+                    key: key.value(i).to_string(),
+                    change: Change::parse(change.value(i)).expect("diff writes known changes"),
+                    op: Op::parse(op.value(i)).expect("diff writes known ops"),
+                    fingerprint: fingerprint.value(i),
+                    payload: payload.value(i).to_string(),
+                    route: (!route.is_null(i)).then(|| route.value(i).to_string()),
+                });
+            }
         }
         Ok(out)
     }
@@ -384,43 +421,52 @@ impl StateStore {
         Ok(n as u64)
     }
 
-    /// Advances the snapshot for acknowledged records, in one transaction: a
-    /// delivered removal drops the key; anything else stores the delivered
-    /// payload and fingerprint.
+    /// Records acknowledged records durably: they are appended to the ack
+    /// log, which is committed before this returns. The snapshot is the last
+    /// fold of the log ([`StateStore::fold_acks`]) plus the log itself, so an
+    /// ack survives a crash that happens before the fold.
     pub fn ack(&self, run_id: &str, acks: &[Ack]) -> Result<(), DiffError> {
         if acks.is_empty() {
             return Ok(());
         }
-        self.conn.execute_batch(
-            "CREATE TEMP TABLE IF NOT EXISTS acked (key VARCHAR, fingerprint UBIGINT, payload VARCHAR,
-                 route VARCHAR, op VARCHAR, message_id VARCHAR, removed BOOLEAN);
-             DELETE FROM acked;",
-        )?;
-        {
-            let mut appender = self.conn.appender("acked")?;
-            for a in acks {
-                appender.append_row(params![
-                    a.key,
-                    a.fingerprint,
-                    a.payload,
-                    a.route,
-                    a.op.as_str(),
-                    a.message_id,
-                    a.change == Change::Removed
-                ])?;
-            }
-            appender.flush()?;
-        }
         let at = now();
-        self.transaction(|conn| {
-            conn.execute("DELETE FROM snapshot WHERE key IN (SELECT key FROM acked WHERE removed)", [])?;
-            conn.execute(
-                "INSERT OR REPLACE INTO snapshot
-                 SELECT key, fingerprint, payload, route, op, message_id, ?, ? FROM acked WHERE NOT removed",
-                params![run_id, at],
-            )?;
-            Ok(())
-        })
+        let mut appender = self.conn.appender("acks")?;
+        for a in acks {
+            appender.append_row(params![
+                a.key,
+                a.fingerprint,
+                a.payload,
+                a.route,
+                a.op.as_str(),
+                a.message_id,
+                a.change == Change::Removed,
+                run_id,
+                at
+            ])?;
+        }
+        appender.flush()?;
+        Ok(())
+    }
+
+    /// Folds the ack log into the snapshot in one transaction: a delivered
+    /// removal drops the key; anything else stores the delivered payload
+    /// and fingerprint. A run sends each key at most once and the log is
+    /// folded at the end of every run and whenever the state is opened, so
+    /// the log never holds a key twice.
+    pub fn fold_acks(&self) -> Result<u64, DiffError> {
+        let pending = self.count("SELECT count(*) FROM acks")?;
+        if pending > 0 {
+            self.transaction(|conn| {
+                conn.execute_batch(
+                    "DELETE FROM snapshot WHERE key IN (SELECT key FROM acks);
+                     INSERT INTO snapshot
+                     SELECT key, fingerprint, payload, route, op, message_id, run_id, delivered_at
+                     FROM acks WHERE NOT removed;
+                     DELETE FROM acks;",
+                )
+            })?;
+        }
+        Ok(pending)
     }
 
     /// Records rejected records of a run.
@@ -530,6 +576,7 @@ impl StateStore {
 
     /// What the state knows about `key` (canonical key text).
     pub fn lookup(&self, key: &str) -> Result<KeyRecord, DiffError> {
+        self.fold_acks()?;
         let delivered = self
             .conn
             .query_row(
@@ -553,13 +600,14 @@ impl StateStore {
 
     /// Number of keys in the snapshot.
     pub fn snapshot_len(&self) -> Result<u64, DiffError> {
+        self.fold_acks()?;
         self.count("SELECT count(*) FROM snapshot")
     }
 
     /// Forgets every delivered key: the next run sends every row as added.
     pub fn reset(&self) -> Result<u64, DiffError> {
         let n = self.snapshot_len()?;
-        self.transaction(|conn| conn.execute_batch("DELETE FROM snapshot; DELETE FROM settings;"))?;
+        self.transaction(|conn| conn.execute_batch("DELETE FROM snapshot; DELETE FROM acks; DELETE FROM settings;"))?;
         Ok(n)
     }
 

@@ -209,3 +209,54 @@ fn state_survives_closing_and_reopening() {
     let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
     assert_eq!(store.snapshot_len().unwrap(), 0);
 }
+
+#[test]
+fn acknowledgements_survive_a_crash_before_the_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+        stage(&store, &[(1, "a"), (2, "b"), (3, "c")]);
+        store.diff(Mode::Mirror, false).unwrap();
+        let page = store.outbox_page(0, 10).unwrap();
+        let ack = |i: usize| Ack {
+            key: page[i].key.clone(),
+            change: page[i].change,
+            op: page[i].op,
+            fingerprint: page[i].fingerprint,
+            payload: page[i].payload.clone(),
+            route: None,
+            message_id: format!("m{i}"),
+        };
+        store.ack("run", &[ack(0)]).unwrap();
+        store.ack("run", &[ack(2)]).unwrap();
+        // The process dies here: no fold, no end of run.
+    }
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (3, "c")]));
+    stage(&store, &[(1, "a"), (2, "b"), (3, "c")]);
+    let (counts, sent) = run(&store, Mode::Mirror, false);
+    assert_eq!((counts.unchanged, counts.added), (2, 1));
+    assert_eq!(sent, [(2, Change::Added, Op::Upsert, "b".into())]);
+}
+
+#[test]
+fn a_snapshot_from_before_the_ack_log_loses_its_primary_key_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TABLE snapshot (key VARCHAR PRIMARY KEY, fingerprint UBIGINT NOT NULL, payload VARCHAR NOT NULL,
+                 route VARCHAR, op VARCHAR NOT NULL, message_id VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
+                 delivered_at VARCHAR NOT NULL);
+             INSERT INTO snapshot VALUES ('{}', {}, '{{\"v\":\"a\"}}', NULL, 'upsert', 'm', 'r', 't');",
+            key(1),
+            backflow_core::fingerprint_text(r#"{"v":"a"}"#)
+        ))
+        .unwrap();
+    }
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    stage(&store, &[(1, "A"), (2, "b")]);
+    let (_, sent) = run(&store, Mode::Mirror, false);
+    assert_eq!(sent, [(1, Change::Changed, Op::Upsert, "A".into()), (2, Change::Added, Op::Upsert, "b".into())]);
+    assert_eq!(snapshot(&store, &[1, 2]), snap(&[(1, "A"), (2, "b")]));
+}

@@ -3,7 +3,7 @@
 //! batch with isolation of bad records.
 
 use crate::config::{DestinationConfig, Method, SigningScheme};
-use crate::encode::{MetaContext, envelope};
+use crate::encode::{Encoder, MetaContext};
 use crate::send::{Outcome, Sender};
 use crate::url::{UrlTemplate, flatten, scalar_text};
 use crate::{SinkError, signing};
@@ -162,11 +162,15 @@ impl Destination {
         if self.batch_size == 1 {
             return records.into_iter().map(|r| vec![r]).collect();
         }
+        let encoder = Encoder::new(ctx, self.meta_key.as_deref());
+        let mut scratch = Vec::new();
         let mut groups: Vec<(Method, Vec<Record>, usize)> = Vec::new();
         let mut out = Vec::new();
         for record in records {
             let route = self.route(record.change);
-            let size = serde_json::to_vec(&envelope(&record, ctx, self.meta_key.as_deref())).map_or(0, |b| b.len()) + 1;
+            scratch.clear();
+            encoder.write(&record, &mut scratch);
+            let size = scratch.len() + 1;
             let slot =
                 groups.iter().position(|(m, g, _)| *m == route.method && self.route(g[0].change).url == route.url);
             let index = match slot {
@@ -200,19 +204,14 @@ impl Destination {
                 first.route.get(column).filter(|v| !v.is_null()).map(|v| (name.clone(), scalar_text(v)))
             })
             .collect();
+        let encoder = Encoder::new(ctx, self.meta_key.as_deref());
         let mut headers = self.headers.clone();
         let (url, body) = if route.method == Method::Get {
             let mut params = params;
-            params.extend(flatten(&envelope(first, ctx, self.meta_key.as_deref()), &self.separator));
+            params.extend(flatten(&encoder.value(first), &self.separator));
             (route.url.render(&first.route, &params)?, Vec::new())
         } else {
-            let body = if self.batch_size == 1 {
-                serde_json::to_vec(&envelope(first, ctx, self.meta_key.as_deref()))
-            } else {
-                let all: Vec<_> = records.iter().map(|r| envelope(r, ctx, self.meta_key.as_deref())).collect();
-                serde_json::to_vec(&all)
-            }
-            .expect("JSON values always serialize");
+            let body = if self.batch_size == 1 { encoder.encode(first) } else { encoder.array(records) };
             headers.push(("Content-Type".into(), "application/json".into()));
             (route.url.render(&first.route, &params)?, body)
         };
@@ -315,9 +314,8 @@ mod tests {
     fn record(id: i64, change: Change) -> Record {
         let payload = json!({"email": format!("u{id}@x.org"), "tags": ["a", "b"], "addr": {"city": "Oslo"}, "n": null});
         Record {
-            key: json!({"id": id}).as_object().unwrap().clone(),
             key_text: format!(r#"{{"id":{id}}}"#),
-            payload: payload.as_object().unwrap().clone(),
+            payload: payload.to_string(),
             route: json!({"id": id, "email": format!("u{id}@x.org")}).as_object().unwrap().clone(),
             fingerprint: 1,
             change,

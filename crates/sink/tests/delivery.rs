@@ -15,9 +15,8 @@ fn config(url: &str, extra: Value) -> DestinationConfig {
 
 fn record(id: u64) -> Record {
     Record {
-        key: json!({"id": id}).as_object().unwrap().clone(),
         key_text: format!(r#"{{"id":{id}}}"#),
-        payload: json!({"id": id}).as_object().unwrap().clone(),
+        payload: format!(r#"{{"id":{id}}}"#),
         route: Default::default(),
         fingerprint: id,
         change: Change::Added,
