@@ -304,8 +304,14 @@ async fn demo(cli: &Cli, out: &output::Output) -> anyhow::Result<u8> {
     tokio::spawn(listen::serve(listener, receiver.clone()));
     let env = Env::process().with("BACKFLOW_DEMO_URL", &url).with("BACKFLOW_DEMO_SECRET", secret);
     let engine = load(cli, env)?;
-    let names: Vec<String> = engine.project.syncs.iter().map(|s| s.name.clone()).collect();
+    let (embedded, servers): (Vec<_>, Vec<_>) =
+        engine.project.syncs.iter().partition(|s| engine.project.is_embedded(s));
+    let names: Vec<String> = embedded.iter().map(|s| s.name.clone()).collect();
     eprintln!("demo receiver on {url}; running {} sync(s): {}", names.len(), names.join(", "));
+    if !servers.is_empty() {
+        let skipped: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+        eprintln!("not run by the demo (they read a warehouse server; see the README): {}", skipped.join(", "));
+    }
     let code = run(&engine, &names, false, out).await?;
     let n = receiver.count.load(std::sync::atomic::Ordering::SeqCst);
     eprintln!(

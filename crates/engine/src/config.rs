@@ -156,6 +156,11 @@ pub struct Sync {
 }
 
 impl Sync {
+    /// The key of the metadata object in payloads, when metadata is on.
+    pub fn meta_key(&self) -> Option<String> {
+        self.spec.destination.metadata.then(|| self.spec.destination.metadata_key.clone())
+    }
+
     /// The payload mapping.
     pub fn mapping(&self, env: &Env) -> Mapping {
         Mapping {
@@ -294,6 +299,11 @@ impl Project {
                     self.shown(&other.file)
                 ));
             }
+            if let Some(warehouse) = self.file.warehouses.get(&sync.spec.warehouse)
+                && let Err(e) = warehouse.expanded(|text| env.expand(text))
+            {
+                err(format!("warehouse `{}`: {e}", sync.spec.warehouse));
+            }
             if !self.file.warehouses.contains_key(&sync.spec.warehouse) {
                 let known: Vec<&str> = self.file.warehouses.keys().map(String::as_str).collect();
                 err(format!(
@@ -337,6 +347,12 @@ impl Project {
             }
         }
         if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// Whether `sync` reads an embedded warehouse (DuckDB), which needs no
+    /// server to run.
+    pub fn is_embedded(&self, sync: &Sync) -> bool {
+        matches!(self.file.warehouses.get(&sync.spec.warehouse), Some(WarehouseConfig::Duckdb { .. }))
     }
 
     /// The sync called `name`.

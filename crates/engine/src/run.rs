@@ -10,15 +10,17 @@ use backflow_sink::send::redact_query;
 use backflow_sink::{Destination, MetaContext, Outcome, Sender};
 use backflow_source::Warehouse;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Records read from the outbox at a time.
 const PAGE: usize = 1000;
-/// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`].
-const ACK_BATCH: usize = 200;
+/// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`]
+/// (a crash re-sends at most what was acknowledged since, with the same ids).
+const ACK_BATCH: usize = 10_000;
 const ACK_INTERVAL: Duration = Duration::from_millis(200);
 /// Payloads shown by `plan`.
 const SAMPLES: usize = 3;
@@ -155,19 +157,14 @@ impl Engine {
         let sync = self.project.sync(name)?;
         let store = self.store(name)?;
         let source_err = |source| EngineError::Source { sync: name.to_string(), source };
-        let warehouse_config = &self.project.file.warehouses[&sync.spec.warehouse];
-        let warehouse = Warehouse::open(warehouse_config, &self.project.dir).map_err(source_err)?;
-        let query = self.env.expand(&sync.spec.query).map_err(|e| {
-            EngineError::Config(crate::ConfigErrors(vec![crate::ConfigError {
-                place: format!("sync {name}"),
-                message: format!("query: {e}"),
-            }]))
-        })?;
+        let warehouse = self.warehouse(sync)?;
+        let query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
         progress.phase(name, "reading", None);
         let route_columns = self.destination(sync)?.route_columns();
         let (null_rows, null_examples) = {
             let mut staging =
                 Staging::new(store.stager()?, sync.mapping(&self.env), sync.key_columns(), route_columns, progress);
+            staging.meta_key = sync.meta_key();
             warehouse.stream(&query, &mut staging).map_err(source_err)?;
             progress.done();
             let Staging { stager, null_rows, null_examples, .. } = staging;
@@ -241,6 +238,16 @@ impl Engine {
             mapping_changed: p.mapping_changed,
             samples,
         })
+    }
+
+    /// Opens the sync's warehouse, its `${VAR}` references resolved.
+    fn warehouse(&self, sync: &Sync) -> Result<Warehouse, EngineError> {
+        let name = &sync.spec.warehouse;
+        let config = self.project.file.warehouses[name]
+            .expanded(|text| self.env.expand(text))
+            .map_err(|e| config_error(&sync.name, format!("warehouse `{name}`: {e}")))?;
+        Warehouse::open(&config, &self.project.dir)
+            .map_err(|source| EngineError::Source { sync: sync.name.clone(), source })
     }
 
     fn destination(&self, sync: &Sync) -> Result<Destination, EngineError> {
@@ -365,70 +372,84 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let concurrency = p.sync.spec.destination.concurrency.max(1);
         let breaker = p.sync.spec.destination.circuit_breaker.max(1);
+        let page_size = PAGE.max(2 * p.sync.spec.destination.batch_size);
         let mut acks: Vec<Ack> = Vec::new();
         let mut failures: Vec<Rejection> = Vec::new();
         let mut last_commit = Instant::now();
         let mut down_streak = 0u32;
         let mut after = 0;
+        let mut exhausted = false;
+        let mut queue: VecDeque<Vec<Record>> = VecDeque::new();
+        let mut in_flight = FuturesUnordered::new();
         progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
-        'pages: loop {
-            let page = p.store.outbox_page(after, PAGE)?;
-            let Some(last) = page.last() else { break };
-            after = last.row_num;
-            let records: Vec<Record> = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
-            let sends =
-                destination.batches(records, ctx).into_iter().map(|batch| destination.deliver(sender, batch, ctx));
-            let mut in_flight = futures_util::stream::iter(sends).buffer_unordered(concurrency);
-            while let Some(results) = in_flight.next().await {
-                progress.advance(results.len() as u64);
-                let all_down = results.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
-                down_streak = if all_down { down_streak + 1 } else { 0 };
-                for (record, outcome) in results {
-                    match outcome {
-                        Outcome::Delivered { .. } => {
-                            *report.delivered.entry(record.op).or_insert(0) += 1;
-                            acks.push(Ack {
-                                key: record.key_text,
-                                change: record.change,
-                                op: record.op,
-                                fingerprint: record.fingerprint,
-                                payload: Value::Object(record.payload).to_string(),
-                                route: (!record.route.is_empty()).then(|| Value::Object(record.route).to_string()),
-                                message_id: record.message_id,
-                            });
-                        }
-                        Outcome::Failed { status, reason, body, retryable, attempts } => {
-                            if !retryable {
-                                report.rejected += 1;
-                            }
-                            let reason =
-                                if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
-                            failures.push(Rejection {
-                                key: record.key_text,
-                                op: record.op,
-                                message_id: record.message_id,
-                                status,
-                                reason,
-                                body,
-                                at: now(),
-                            });
+        loop {
+            // Keep `concurrency` requests in flight, reading the outbox a page
+            // at a time as the queue of batches runs dry.
+            while in_flight.len() < concurrency {
+                if queue.is_empty() && !exhausted {
+                    let page = p.store.outbox_page(after, page_size)?;
+                    match page.last() {
+                        None => exhausted = true,
+                        Some(last) => {
+                            after = last.row_num;
+                            let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
+                            queue.extend(destination.batches(records, ctx));
                         }
                     }
                 }
-                if acks.len() >= ACK_BATCH || last_commit.elapsed() >= ACK_INTERVAL {
-                    p.store.ack(&ctx.run_id, &acks)?;
-                    acks.clear();
-                    last_commit = Instant::now();
+                let Some(batch) = queue.pop_front() else { break };
+                in_flight.push(destination.deliver(sender, batch, ctx));
+            }
+            let Some(results) = in_flight.next().await else { break };
+            progress.advance(results.len() as u64);
+            let all_down = results.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
+            down_streak = if all_down { down_streak + 1 } else { 0 };
+            for (record, outcome) in results {
+                match outcome {
+                    Outcome::Delivered { .. } => {
+                        *report.delivered.entry(record.op).or_insert(0) += 1;
+                        acks.push(Ack {
+                            key: record.key_text,
+                            change: record.change,
+                            op: record.op,
+                            fingerprint: record.fingerprint,
+                            payload: record.payload,
+                            route: (!record.route.is_empty()).then(|| Value::Object(record.route).to_string()),
+                            message_id: record.message_id,
+                        });
+                    }
+                    Outcome::Failed { status, reason, body, retryable, attempts } => {
+                        if !retryable {
+                            report.rejected += 1;
+                        }
+                        let reason =
+                            if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
+                        failures.push(Rejection {
+                            key: record.key_text,
+                            op: record.op,
+                            message_id: record.message_id,
+                            status,
+                            reason,
+                            body,
+                            at: now(),
+                        });
+                    }
                 }
-                if down_streak >= breaker {
-                    report.stopped_early = Some(format!(
-                        "stopped early: {breaker} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending"
-                    ));
-                    break 'pages;
-                }
+            }
+            if acks.len() >= ACK_BATCH || last_commit.elapsed() >= ACK_INTERVAL {
+                p.store.ack(&ctx.run_id, &acks)?;
+                acks.clear();
+                last_commit = Instant::now();
+            }
+            if down_streak >= breaker {
+                report.stopped_early = Some(format!(
+                    "stopped early: {breaker} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending"
+                ));
+                break;
             }
         }
         p.store.ack(&ctx.run_id, &acks)?;
+        p.store.fold_acks()?;
         p.store.reject(&ctx.run_id, &failures)?;
         progress.done();
         report.failures = failures.into_iter().take(20).collect();
@@ -436,17 +457,20 @@ impl Engine {
     }
 }
 
+fn config_error(sync: &str, message: String) -> EngineError {
+    EngineError::Config(crate::ConfigErrors(vec![crate::ConfigError { place: format!("sync {sync}"), message }]))
+}
+
 /// The record of an outbox row, with its message id.
 fn record(sync: &str, row: OutboxRow) -> Record {
-    let parse = |text: &str| match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(m)) => m,
+    let route = match row.route.as_deref().map(serde_json::from_str::<Value>) {
+        Some(Ok(Value::Object(m))) => m,
         _ => Map::new(),
     };
     Record {
-        key: parse(&row.key),
         message_id: message_id(sync, &row.key, row.op, row.fingerprint),
-        payload: parse(&row.payload),
-        route: row.route.as_deref().map(parse).unwrap_or_default(),
+        payload: row.payload,
+        route,
         key_text: row.key,
         fingerprint: row.fingerprint,
         change: row.change,
@@ -487,7 +511,7 @@ impl backflow_source::RowConsumer for ColumnCheck<'_> {
         self.columns = names.to_vec();
         crate::stage::positions("primary_key", &self.sync.key_columns(), names)?;
         crate::stage::positions("destination URL", &self.route_columns, names)?;
-        self.mapping.compile(names).map(|_| ()).map_err(|e| format!("mapping: {e}"))
+        crate::stage::compile(&self.mapping, names, self.sync.meta_key().as_deref()).map(|_| ())
     }
 
     fn row(&mut self, _: Vec<Value>) -> Result<(), String> {
@@ -502,8 +526,7 @@ impl Engine {
         let sync = self.project.sync(name)?;
         let destination = self.destination(sync)?;
         let source = (|| {
-            let warehouse = Warehouse::open(&self.project.file.warehouses[&sync.spec.warehouse], &self.project.dir)
-                .map_err(|e| e.to_string())?;
+            let warehouse = self.warehouse(sync).map_err(|e| e.to_string())?;
             let query = self.env.expand(&sync.spec.query).map_err(|e| e.to_string())?;
             let mut check = ColumnCheck {
                 columns: vec![],

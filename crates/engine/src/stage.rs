@@ -18,6 +18,8 @@ pub struct Staging<'a> {
     /// Columns the destination URL reads, and their positions.
     pub route_columns: Vec<String>,
     route_index: Vec<usize>,
+    /// The metadata object's key, which no payload field may take.
+    pub meta_key: Option<String>,
     compiled: Option<CompiledMapping>,
     pub null_rows: u64,
     pub null_examples: Vec<String>,
@@ -40,6 +42,7 @@ impl<'a> Staging<'a> {
             key_index: vec![],
             route_columns,
             route_index: vec![],
+            meta_key: None,
             compiled: None,
             null_rows: 0,
             null_examples: vec![],
@@ -65,11 +68,25 @@ pub fn positions(what: &str, wanted: &[String], names: &[String]) -> Result<Vec<
         .collect()
 }
 
+/// Compiles the mapping against the query's columns; a payload field named
+/// like the metadata object would be overwritten by it, so it is refused.
+pub fn compile(mapping: &Mapping, names: &[String], meta_key: Option<&str>) -> Result<CompiledMapping, String> {
+    let compiled = mapping.compile(names).map_err(|e| format!("mapping: {e}"))?;
+    if let Some(key) = meta_key.filter(|k| compiled.has_field(k)) {
+        return Err(format!(
+            "mapping: the payload has a field `{key}`, which is where the sync metadata goes; \
+             rename the column or field, or set `destination.metadata_key` to another name"
+        ));
+    }
+    Ok(compiled)
+}
+
 impl RowConsumer for Staging<'_> {
     fn columns(&mut self, names: &[String]) -> Result<(), String> {
         self.key_index = positions("primary_key", &self.key_columns, names)?;
         self.route_index = positions("destination URL", &self.route_columns, names)?;
-        self.compiled = Some(self.mapping.compile(names).map_err(|e| format!("mapping: {e}"))?);
+        let compiled = compile(&self.mapping, names, self.meta_key.as_deref())?;
+        self.compiled = Some(compiled);
         Ok(())
     }
 
@@ -78,30 +95,29 @@ impl RowConsumer for Staging<'_> {
         if self.rows.is_multiple_of(10_000) {
             self.progress.advance(10_000);
         }
-        let mut key = Map::new();
-        for (column, &i) in self.key_columns.iter().zip(&self.key_index) {
-            key.insert(column.clone(), values[i].clone());
-        }
-        if key.values().any(Value::is_null) {
+        if self.key_index.iter().any(|&i| values[i].is_null()) {
             self.null_rows += 1;
             if self.null_examples.len() < EXAMPLES {
-                self.null_examples.push(format!("row {} {}", self.rows, Value::Object(key)));
+                let key = object_text(&self.key_columns, &self.key_index, &values);
+                self.null_examples.push(format!("row {} {key}", self.rows));
             }
             return Ok(());
         }
         let payload = self.compiled.as_ref().expect("columns() comes first").payload(&values);
-        let key_text = Value::Object(key).to_string();
-        let payload_text = Value::Object(payload).to_string();
-        let route_text = (!self.route_columns.is_empty()).then(|| {
-            let route: Map<String, Value> = self
-                .route_columns
-                .iter()
-                .zip(&self.route_index)
-                .map(|(c, &i)| (c.clone(), values[i].clone()))
-                .collect();
-            Value::Object(route).to_string()
-        });
-        let fingerprint = fingerprint_request(&payload_text, route_text.as_deref());
-        self.stager.push(&key_text, fingerprint, &payload_text, route_text.as_deref()).map_err(|e| e.to_string())
+        let key_text = object_text(&self.key_columns, &self.key_index, &values);
+        let route_text =
+            (!self.route_columns.is_empty()).then(|| object_text(&self.route_columns, &self.route_index, &values));
+        let fingerprint = fingerprint_request(&payload, route_text.as_deref());
+        self.stager.push(&key_text, fingerprint, &payload, route_text.as_deref()).map_err(|e| e.to_string())
     }
+}
+
+/// The compact JSON object of `columns` (at `index` in `values`), in order:
+/// the canonical text of a key, or of a URL's column values.
+fn object_text(columns: &[String], index: &[usize], values: &[Value]) -> String {
+    let mut out = Map::new();
+    for (column, &i) in columns.iter().zip(index) {
+        out.insert(column.clone(), values[i].clone());
+    }
+    Value::Object(out).to_string()
 }

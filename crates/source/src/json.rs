@@ -114,11 +114,11 @@ pub fn cell(array: &dyn Array, i: usize) -> Result<Value, String> {
         }
         Interval(IntervalUnit::MonthDayNano) => {
             let v = array.as_primitive::<IntervalMonthDayNanoType>().value(i);
-            interval(v.months as i64, v.days as i64, v.nanoseconds)
+            interval(v.months as i64, v.days as i64, v.nanoseconds as i128)
         }
         Interval(IntervalUnit::DayTime) => {
             let v = array.as_primitive::<IntervalDayTimeType>().value(i);
-            interval(0, v.days as i64, v.milliseconds as i64 * 1_000_000)
+            interval(0, v.days as i64, v.milliseconds as i128 * 1_000_000)
         }
         Interval(IntervalUnit::YearMonth) => {
             interval(array.as_primitive::<IntervalYearMonthType>().value(i) as i64, 0, 0)
@@ -130,7 +130,7 @@ pub fn cell(array: &dyn Array, i: usize) -> Result<Value, String> {
                 TimeUnit::Microsecond => array.as_primitive::<DurationMicrosecondType>().value(i) as i128 * 1_000,
                 TimeUnit::Nanosecond => array.as_primitive::<DurationNanosecondType>().value(i) as i128,
             };
-            interval(0, 0, nanos.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+            interval(0, 0, nanos)
         }
         List(_) => list(array.as_list::<i32>().value(i).as_ref())?,
         LargeList(_) => list(array.as_list::<i64>().value(i).as_ref())?,
@@ -184,7 +184,7 @@ fn list(values: &dyn Array) -> Result<Value, String> {
 
 /// A finite float as its shortest round-trip text (in exponent form when
 /// very large or small); non-finite as a string.
-fn float(v: f64, shortest: impl Fn(f64) -> String) -> Value {
+pub(crate) fn float(v: f64, shortest: impl Fn(f64) -> String) -> Value {
     if v.is_nan() {
         Value::String("NaN".into())
     } else if v.is_infinite() {
@@ -196,24 +196,24 @@ fn float(v: f64, shortest: impl Fn(f64) -> String) -> Value {
 
 /// Shortest round-trip text of a float: plain digits for everyday
 /// magnitudes, exponent form (`1e300`) beyond them.
-fn shortest<T: std::fmt::Display + std::fmt::LowerExp>(v: T, magnitude: f64) -> String {
+pub(crate) fn shortest<T: std::fmt::Display + std::fmt::LowerExp>(v: T, magnitude: f64) -> String {
     if magnitude != 0.0 && !(1e-5..1e16).contains(&magnitude.abs()) { format!("{v:e}") } else { v.to_string() }
 }
 
 /// A number that keeps every digit of `text`.
-fn exact_number(text: &str) -> Value {
+pub(crate) fn exact_number(text: &str) -> Value {
     match text.parse::<Number>() {
         Ok(n) => Value::Number(n),
         Err(_) => Value::String(text.to_string()),
     }
 }
 
-fn base64(bytes: &[u8]) -> Value {
+pub(crate) fn base64(bytes: &[u8]) -> Value {
     Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 /// Days since 1970-01-01 as `YYYY-MM-DD`.
-fn date(days: i64) -> Value {
+pub(crate) fn date(days: i64) -> Value {
     match NaiveDate::from_ymd_opt(1970, 1, 1)
         .and_then(|epoch| epoch.checked_add_signed(chrono::TimeDelta::try_days(days)?))
     {
@@ -222,7 +222,7 @@ fn date(days: i64) -> Value {
     }
 }
 
-fn infinity(sign: i64) -> Value {
+pub(crate) fn infinity(sign: i64) -> Value {
     Value::String(if sign > 0 { "infinity" } else { "-infinity" }.into())
 }
 
@@ -246,13 +246,18 @@ fn fraction(sub: i64, unit: TimeUnit) -> String {
 }
 
 /// Time of day (may be 24:00:00) from units since midnight.
-fn time(v: i64, unit: TimeUnit) -> Value {
-    let per = units_per_second(unit);
-    let (secs, sub) = (v.div_euclid(per), v.rem_euclid(per));
-    Value::String(format!("{:02}:{:02}:{:02}{}", secs / 3600, secs / 60 % 60, secs % 60, fraction(sub, unit)))
+pub(crate) fn time(v: i64, unit: TimeUnit) -> Value {
+    Value::String(time_text(v, unit))
 }
 
-fn timestamp(v: i64, unit: TimeUnit, utc: bool) -> Value {
+/// `HH:MM:SS[.fff…]` from units since midnight.
+pub(crate) fn time_text(v: i64, unit: TimeUnit) -> String {
+    let per = units_per_second(unit);
+    let (secs, sub) = (v.div_euclid(per), v.rem_euclid(per));
+    format!("{:02}:{:02}:{:02}{}", secs / 3600, secs / 60 % 60, secs % 60, fraction(sub, unit))
+}
+
+pub(crate) fn timestamp(v: i64, unit: TimeUnit, utc: bool) -> Value {
     let per = units_per_second(unit);
     let (secs, sub) = (v.div_euclid(per), v.rem_euclid(per));
     match DateTime::from_timestamp(secs, 0) {
@@ -267,7 +272,7 @@ fn timestamp(v: i64, unit: TimeUnit, utc: bool) -> Value {
 }
 
 /// ISO-8601 duration from months, days and nanoseconds.
-fn interval(months: i64, days: i64, nanos: i64) -> Value {
+pub(crate) fn interval(months: i64, days: i64, nanos: i128) -> Value {
     let mut out = String::from("P");
     let (years, months) = (months / 12, months % 12);
     for (n, unit) in [(years, 'Y'), (months, 'M'), (days, 'D')] {

@@ -4,12 +4,14 @@
 
 mod duckdb_source;
 pub mod json;
+mod postgres;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 pub use duckdb_source::DuckDbSource;
+pub use postgres::{PostgresSource, redact_url};
 
 /// A warehouse as named in the project file.
 ///
@@ -36,6 +38,54 @@ pub enum WarehouseConfig {
         #[serde(default)]
         init: Option<String>,
     },
+    /// A Postgres (or Postgres-compatible) server, queried over one
+    /// connection per run with rows streamed as they arrive.
+    ///
+    /// ```yaml
+    /// warehouses:
+    ///   analytics:
+    ///     type: postgres
+    ///     url: ${DATABASE_URL}          # the default; libpq parameters such as sslmode work
+    ///     ssl_mode: verify-full         # optional: disable, allow, prefer, require, verify-ca, verify-full
+    ///     ssl_root_cert: certs/ca.pem   # optional, relative to the project directory
+    ///     query_timeout: 10m            # optional: the server cancels a longer query
+    /// ```
+    Postgres {
+        /// Connection URL, `postgres://user:password@host:5432/database`.
+        /// `${VAR}` references are resolved from the environment; the
+        /// default reads `DATABASE_URL`.
+        #[serde(default = "default_postgres_url")]
+        url: String,
+        /// TLS mode, overriding the URL's `sslmode`.
+        #[serde(default)]
+        ssl_mode: Option<String>,
+        /// CA certificate file for `verify-ca` / `verify-full`.
+        #[serde(default)]
+        ssl_root_cert: Option<String>,
+        /// Longest a query may run (the session's `statement_timeout`).
+        #[serde(default)]
+        query_timeout: Option<backflow_core::duration::Duration>,
+    },
+}
+
+fn default_postgres_url() -> String {
+    "${DATABASE_URL}".into()
+}
+
+impl WarehouseConfig {
+    /// The same warehouse with `${VAR}` references in its connection
+    /// settings resolved by `expand` (which names the variable on failure).
+    pub fn expanded<E>(&self, expand: impl Fn(&str) -> Result<String, E>) -> Result<WarehouseConfig, E> {
+        Ok(match self {
+            WarehouseConfig::Postgres { url, ssl_mode, ssl_root_cert, query_timeout } => WarehouseConfig::Postgres {
+                url: expand(url)?,
+                ssl_mode: ssl_mode.as_deref().map(&expand).transpose()?,
+                ssl_root_cert: ssl_root_cert.as_deref().map(&expand).transpose()?,
+                query_timeout: *query_timeout,
+            },
+            other => other.clone(),
+        })
+    }
 }
 
 /// Why a query could not be streamed.
@@ -43,12 +93,28 @@ pub enum WarehouseConfig {
 #[non_exhaustive]
 pub enum SourceError {
     /// The warehouse could not be opened.
-    #[error("cannot open DuckDB warehouse {path}: {message}")]
+    #[error("cannot open warehouse {path}: {message}")]
     Open {
-        /// The database file, or `:memory:`.
+        /// The database file, `:memory:`, or the connection URL without its password.
         path: String,
         /// DuckDB's explanation.
         message: String,
+    },
+    /// The warehouse server could not be reached or refused the login.
+    #[error("cannot connect to Postgres as {target}: {message}")]
+    Connect {
+        /// `user@host:port/database` (never the password).
+        target: String,
+        /// What went wrong and what would fix it.
+        message: String,
+    },
+    /// A value could not be read.
+    #[error("column `{column}`: cannot read a value: {reason}")]
+    Value {
+        /// The column.
+        column: String,
+        /// What was wrong with it.
+        reason: String,
     },
     /// The `init` SQL failed.
     #[error("the warehouse's init SQL failed: {0}")]
@@ -63,7 +129,7 @@ pub enum SourceError {
     DuplicateColumn(String),
     /// A column's type has no JSON rule.
     #[error(
-        "column `{column}` has type {type_name}, which Backflow cannot send as JSON; cast it in the query (e.g. `{column}::VARCHAR`)"
+        "column `{column}` has type {type_name}, which Backflow cannot send as JSON; cast it in the query (e.g. `{column}::VARCHAR` in DuckDB, `{column}::text` or `to_jsonb({column})` in Postgres)"
     )]
     UnsupportedType {
         /// The column.
@@ -88,15 +154,28 @@ pub trait RowConsumer {
 pub enum Warehouse {
     /// Embedded DuckDB.
     DuckDb(DuckDbSource),
+    /// A Postgres server.
+    Postgres(Box<PostgresSource>),
 }
 
 impl Warehouse {
-    /// Opens the warehouse; relative paths resolve against `project_dir`.
+    /// Opens the warehouse (a Postgres server is connected to when a query
+    /// runs); relative paths resolve against `project_dir`. `config` must
+    /// have its `${VAR}` references resolved ([`WarehouseConfig::expanded`]).
     pub fn open(config: &WarehouseConfig, project_dir: &Path) -> Result<Warehouse, SourceError> {
         match config {
             WarehouseConfig::Duckdb { path, init } => {
                 let file = path.as_deref().filter(|p| *p != ":memory:").map(|p| resolve(project_dir, p));
                 Ok(Warehouse::DuckDb(DuckDbSource::open(file.as_deref(), init.as_deref(), project_dir)?))
+            }
+            WarehouseConfig::Postgres { url, ssl_mode, ssl_root_cert, query_timeout } => {
+                let cert = ssl_root_cert.as_deref().map(|c| resolve(project_dir, c));
+                Ok(Warehouse::Postgres(Box::new(PostgresSource::open(
+                    url,
+                    ssl_mode.as_deref(),
+                    cert.as_deref(),
+                    query_timeout.map(|t| t.get()),
+                )?)))
             }
         }
     }
@@ -106,6 +185,7 @@ impl Warehouse {
     pub fn stream(&self, query: &str, consumer: &mut dyn RowConsumer) -> Result<u64, SourceError> {
         match self {
             Warehouse::DuckDb(source) => source.stream(query, consumer),
+            Warehouse::Postgres(source) => source.stream(query, consumer),
         }
     }
 }

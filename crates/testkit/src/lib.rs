@@ -2,6 +2,8 @@
 //! fail, stall and recover, recording every request it gets.
 #![deny(missing_docs)]
 
+pub mod postgres;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
