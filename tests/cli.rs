@@ -113,7 +113,8 @@ fn sigkill_mid_delivery_loses_nothing() {
     p.sql("insert into items select range, 'n' || range, range from range(300)");
     p.receiver.respond(|_, _| Reply::Stall(Duration::from_millis(20)));
     let mut run = p.spawn(&["run", "s"]);
-    p.receiver.wait_for(120, Duration::from_secs(60));
+    // Acks are committed at least every second; by 200 requests (~2 s) some are.
+    p.receiver.wait_for(200, Duration::from_secs(60));
     run.kill().unwrap(); // SIGKILL
     run.wait().unwrap();
     let first = p.receiver.requests();

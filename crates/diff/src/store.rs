@@ -41,13 +41,8 @@ CREATE TABLE IF NOT EXISTS rejections (
 );
 CREATE TABLE IF NOT EXISTS settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS acks (
-    key VARCHAR NOT NULL,
-    fingerprint UBIGINT NOT NULL,
-    payload VARCHAR NOT NULL,
-    route VARCHAR,
-    op VARCHAR NOT NULL,
+    row_num BIGINT NOT NULL,
     message_id VARCHAR NOT NULL,
-    removed BOOLEAN NOT NULL,
     run_id VARCHAR NOT NULL,
     delivered_at VARCHAR NOT NULL
 );
@@ -112,18 +107,8 @@ pub struct OutboxRow {
 /// A record the receiver acknowledged with a 2xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
-    /// Canonical key text.
-    pub key: String,
-    /// The change that was delivered.
-    pub change: Change,
-    /// The op that was delivered.
-    pub op: Op,
-    /// Fingerprint of the delivered payload.
-    pub fingerprint: u64,
-    /// The delivered payload (JSON text, without metadata).
-    pub payload: String,
-    /// The URL's column values (JSON text), if any.
-    pub route: Option<String>,
+    /// Its row number in the outbox (which holds its key, payload and op).
+    pub row_num: u64,
     /// The message id it carried.
     pub message_id: String,
 }
@@ -264,6 +249,10 @@ impl StateStore {
             .with("autoinstall_known_extensions", "false")
             .and_then(|c| c.max_memory(memory_limit))
             .and_then(|c| c.with("temp_directory", dir.join("tmp").display().to_string()))
+            // Payload text is written twice per delivered record (outbox,
+            // snapshot); FSST compression of it cost more CPU than the
+            // delivery itself, so state files trade size for speed.
+            .and_then(|c| c.with("disabled_compression_methods", "fsst,dict_fsst"))
             .map_err(|e| open_err(e.to_string()))?;
         let conn = Connection::open_with_flags(&path, config).map_err(|e| {
             let text = e.to_string();
@@ -345,7 +334,7 @@ impl StateStore {
                  FROM staged c LEFT JOIN snapshot s ON s.key = c.key
                  {removed}
              ) WHERE change IS NOT NULL;
-             CREATE OR REPLACE TEMP TABLE outbox AS
+             CREATE OR REPLACE TABLE outbox AS
              SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
                     key, change, op, fingerprint, payload, route
              FROM diff WHERE op IS NOT NULL;"
@@ -411,6 +400,18 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Records to send per op.
+    pub fn outbox_ops(&self) -> Result<Vec<(Op, u64)>, DiffError> {
+        let mut stmt = self.conn.prepare("SELECT op, count(*) FROM outbox GROUP BY op")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (op, n) = row?;
+            out.push((Op::parse(&op).expect("diff writes known ops"), n as u64));
+        }
+        Ok(out)
+    }
+
     /// Drops removed keys that the mode forgets (every mode but mirror) from
     /// the snapshot, so a key that comes back counts as added again.
     pub fn forget_removed(&self) -> Result<u64, DiffError> {
@@ -421,10 +422,11 @@ impl StateStore {
         Ok(n as u64)
     }
 
-    /// Records acknowledged records durably: they are appended to the ack
-    /// log, which is committed before this returns. The snapshot is the last
-    /// fold of the log ([`StateStore::fold_acks`]) plus the log itself, so an
-    /// ack survives a crash that happens before the fold.
+    /// Records acknowledged records durably: their outbox row numbers are
+    /// appended to the ack log, committed before this returns. The outbox
+    /// is a table of the state file, so the log and the outbox together say
+    /// what was delivered even if the process dies before the fold
+    /// ([`StateStore::fold_acks`]).
     pub fn ack(&self, run_id: &str, acks: &[Ack]) -> Result<(), DiffError> {
         if acks.is_empty() {
             return Ok(());
@@ -432,17 +434,7 @@ impl StateStore {
         let at = now();
         let mut appender = self.conn.appender("acks")?;
         for a in acks {
-            appender.append_row(params![
-                a.key,
-                a.fingerprint,
-                a.payload,
-                a.route,
-                a.op.as_str(),
-                a.message_id,
-                a.change == Change::Removed,
-                run_id,
-                at
-            ])?;
+            appender.append_row(params![a.row_num as i64, a.message_id, run_id, at])?;
         }
         appender.flush()?;
         Ok(())
@@ -450,19 +442,23 @@ impl StateStore {
 
     /// Folds the ack log into the snapshot in one transaction: a delivered
     /// removal drops the key; anything else stores the delivered payload
-    /// and fingerprint. A run sends each key at most once and the log is
-    /// folded at the end of every run and whenever the state is opened, so
-    /// the log never holds a key twice.
+    /// and fingerprint. The log refers to the current outbox, which is only
+    /// replaced after a fold, and holds each row at most once.
     pub fn fold_acks(&self) -> Result<u64, DiffError> {
         let pending = self.count("SELECT count(*) FROM acks")?;
         if pending > 0 {
             self.transaction(|conn| {
                 conn.execute_batch(
-                    "DELETE FROM snapshot WHERE key IN (SELECT key FROM acks);
+                    "CREATE OR REPLACE TEMP TABLE delivered AS
+                     SELECT o.key, o.fingerprint, o.payload, o.route, o.op, a.message_id, a.run_id, a.delivered_at,
+                            o.change = 'removed' AS removed
+                     FROM acks a JOIN outbox o USING (row_num);
+                     DELETE FROM snapshot WHERE key IN (SELECT key FROM delivered);
                      INSERT INTO snapshot
                      SELECT key, fingerprint, payload, route, op, message_id, run_id, delivered_at
-                     FROM acks WHERE NOT removed;
-                     DELETE FROM acks;",
+                     FROM delivered WHERE NOT removed;
+                     DELETE FROM acks;
+                     DROP TABLE delivered;",
                 )
             })?;
         }

@@ -16,12 +16,13 @@ use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// Records read from the outbox at a time.
-const PAGE: usize = 1000;
+/// Records read from the outbox at a time (at least; four batches when
+/// batches are larger).
+const PAGE: usize = 10_000;
 /// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`]
 /// (a crash re-sends at most what was acknowledged since, with the same ids).
-const ACK_BATCH: usize = 10_000;
-const ACK_INTERVAL: Duration = Duration::from_millis(200);
+const ACK_BATCH: usize = 50_000;
+const ACK_INTERVAL: Duration = Duration::from_secs(1);
 /// Payloads shown by `plan`.
 const SAMPLES: usize = 3;
 /// Setting under which the mapping last run with is stored.
@@ -210,24 +211,17 @@ impl Engine {
         let p = self.prepare(name, full, progress)?;
         let destination = self.destination(p.sync)?;
         let ctx = MetaContext { sync: name.to_string(), mode: p.sync.spec.mode, run_id: "(plan)".into() };
-        let mut ops = BTreeMap::new();
-        let mut samples = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = p.store.outbox_page(after, PAGE)?;
-            let Some(last) = page.last() else { break };
-            after = last.row_num;
-            for row in page {
-                *ops.entry(row.op).or_insert(0) += 1;
-                if samples.len() < SAMPLES {
-                    samples.push(match destination.request(&[record(name, row)], &ctx) {
-                        Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_query(&r.url))),
-                        Ok(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-                        Err(reason) => json!({"error": reason}),
-                    });
-                }
-            }
-        }
+        let ops = p.store.outbox_ops()?.into_iter().collect();
+        let samples = p
+            .store
+            .outbox_page(0, SAMPLES)?
+            .into_iter()
+            .map(|row| match destination.request(&[record(name, row)], &ctx) {
+                Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_query(&r.url))),
+                Ok(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+                Err(reason) => json!({"error": reason}),
+            })
+            .collect();
         Ok(Plan {
             sync: name.to_string(),
             mode: p.sync.spec.mode,
@@ -372,7 +366,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let concurrency = p.sync.spec.destination.concurrency.max(1);
         let breaker = p.sync.spec.destination.circuit_breaker.max(1);
-        let page_size = PAGE.max(2 * p.sync.spec.destination.batch_size);
+        let page_size = PAGE.max(4 * p.sync.spec.destination.batch_size);
         let mut acks: Vec<Ack> = Vec::new();
         let mut failures: Vec<Rejection> = Vec::new();
         let mut last_commit = Instant::now();
@@ -408,15 +402,7 @@ impl Engine {
                 match outcome {
                     Outcome::Delivered { .. } => {
                         *report.delivered.entry(record.op).or_insert(0) += 1;
-                        acks.push(Ack {
-                            key: record.key_text,
-                            change: record.change,
-                            op: record.op,
-                            fingerprint: record.fingerprint,
-                            payload: record.payload,
-                            route: (!record.route.is_empty()).then(|| Value::Object(record.route).to_string()),
-                            message_id: record.message_id,
-                        });
+                        acks.push(Ack { row_num: record.row_num, message_id: record.message_id });
                     }
                     Outcome::Failed { status, reason, body, retryable, attempts } => {
                         if !retryable {
