@@ -25,7 +25,9 @@ pub struct Receiver {
 
 /// Serves until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, receiver: Arc<Receiver>) -> std::io::Result<()> {
-    let app = Router::new().fallback(handle).with_state(receiver);
+    // Backflow sends bodies up to `max_body_bytes` (5 MiB by default, more
+    // when configured); axum's 2 MiB default would refuse them.
+    let app = Router::new().fallback(handle).with_state(receiver).layer(axum::extract::DefaultBodyLimit::max(1 << 30));
     axum::serve(listener, app).await
 }
 

@@ -239,3 +239,36 @@ fn serve_runs_scheduled_syncs_when_due() {
     let scores: Vec<_> = p.receiver.bodies().iter().map(|b| b["score"].clone()).collect();
     assert_eq!(scores[..2], [serde_json::json!(1), serde_json::json!(2)]);
 }
+
+#[test]
+fn batches_larger_than_two_mebibytes_reach_the_test_receiver_and_listen() {
+    let p = Project::new(&sync("upsert", "  batch_size: 20000\n"));
+    p.sql("insert into items select range, repeat('x', 150) || range, range from range(20000)");
+    let out = p.backflow(&["run", "s"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let requests = p.receiver.requests();
+    let rows: usize = requests.iter().map(|r| r.json().as_array().unwrap().len()).sum();
+    assert_eq!(rows, 20000);
+    let largest = requests.iter().map(|r| r.body.len()).max().unwrap();
+    assert!(largest > 3 << 20, "{largest} bytes");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut listen = bin()
+        .args(["listen", "--quiet", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.write(
+        "syncs/l.yaml",
+        &sync("upsert", "  batch_size: 20000\n").replace("{URL}", &format!("http://127.0.0.1:{port}")),
+    );
+    let out = p.backflow(&["run", "l"]);
+    listen.kill().unwrap();
+    listen.wait().unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("delivered 20000"), "{}", out.stdout);
+}

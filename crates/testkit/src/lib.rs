@@ -88,7 +88,10 @@ impl Receiver {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind 127.0.0.1");
                 tx.send(listener.local_addr().expect("addr")).expect("report address");
-                let app = Router::new().fallback(handle).with_state(server_state);
+                let app = Router::new()
+                    .fallback(handle)
+                    .with_state(server_state)
+                    .layer(axum::extract::DefaultBodyLimit::max(1 << 30));
                 axum::serve(listener, app).await.expect("serve");
             });
         });
