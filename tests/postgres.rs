@@ -21,10 +21,16 @@ fn backflow(dir: &Path, database_url: &str, receiver: &Receiver, args: &[&str]) 
     )
 }
 
+/// A fresh database holding the examples' demo tables.
+fn demo_database() -> Option<TestDatabase> {
+    let db = TestDatabase::create()?;
+    db.execute(&std::fs::read_to_string(repo().join("syncs/data/postgres_demo.sql")).unwrap());
+    Some(db)
+}
+
 #[test]
 fn the_postgres_examples_deliver_then_send_only_changes() {
-    let Some(db) = TestDatabase::create() else { return };
-    db.execute(&std::fs::read_to_string(repo().join("syncs/data/postgres_demo.sql")).unwrap());
+    let Some(db) = demo_database() else { return };
     let dir = example_project();
     let receiver = Receiver::start();
     let run = |args: &[&str]| backflow(dir.path(), &db.url, &receiver, args);
@@ -73,8 +79,7 @@ fn the_postgres_examples_deliver_then_send_only_changes() {
 
 #[test]
 fn bad_postgres_input_is_named_with_the_sync_and_a_fix_and_commits_nothing() {
-    let Some(db) = TestDatabase::create() else { return };
-    db.execute(&std::fs::read_to_string(repo().join("syncs/data/postgres_demo.sql")).unwrap());
+    let Some(db) = demo_database() else { return };
     let dir = example_project();
     let receiver = Receiver::start();
 
@@ -89,8 +94,8 @@ fn bad_postgres_input_is_named_with_the_sync_and_a_fix_and_commits_nothing() {
     assert_eq!(out.code, 2, "{}", out.all());
     assert!(out.stderr.contains("pg_accounts") && out.stderr.contains("primary_key: column `acct`"), "{}", out.stderr);
     assert!(receiver.requests().is_empty());
-    let plan = backflow(dir.path(), &db.url, &receiver, &["history", "pg_accounts"]);
-    assert!(plan.stdout.contains("failed"), "the failed run is recorded: {}", plan.all());
+    let failed = backflow(dir.path(), &db.url, &receiver, &["history", "pg_accounts"]);
+    assert!(failed.stdout.contains("failed"), "the failed run is recorded: {}", failed.all());
 
     // An unreachable server, with a password in the URL that must not leak.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -9,4 +9,4 @@ mod record;
 
 pub use duration::Duration;
 pub use mapping::{CompiledMapping, Mapping, MappingError};
-pub use record::{Change, KeyText, Mode, Op, Record, fingerprint, fingerprint_request, fingerprint_text, message_id};
+pub use record::{Change, KeyText, Mode, Op, Record, fingerprint_request, fingerprint_text, message_id};

@@ -163,9 +163,14 @@ impl Engine {
         progress.phase(name, "reading", None);
         let route_columns = self.destination(sync)?.route_columns();
         let (null_rows, null_examples) = {
-            let mut staging =
-                Staging::new(store.stager()?, sync.mapping(&self.env), sync.key_columns(), route_columns, progress);
-            staging.meta_key = sync.meta_key();
+            let mut staging = Staging::new(
+                store.stager()?,
+                sync.mapping(&self.env),
+                sync.key_columns(),
+                route_columns,
+                sync.meta_key(),
+                progress,
+            );
             warehouse.stream(&query, &mut staging).map_err(source_err)?;
             progress.done();
             let Staging { stager, null_rows, null_examples, .. } = staging;

@@ -19,7 +19,7 @@ pub struct Staging<'a> {
     pub route_columns: Vec<String>,
     route_index: Vec<usize>,
     /// The metadata object's key, which no payload field may take.
-    pub meta_key: Option<String>,
+    meta_key: Option<String>,
     compiled: Option<CompiledMapping>,
     pub null_rows: u64,
     pub null_examples: Vec<String>,
@@ -33,6 +33,7 @@ impl<'a> Staging<'a> {
         mapping: Mapping,
         key_columns: Vec<String>,
         route_columns: Vec<String>,
+        meta_key: Option<String>,
         progress: &'a dyn crate::Progress,
     ) -> Self {
         Staging {
@@ -42,7 +43,7 @@ impl<'a> Staging<'a> {
             key_index: vec![],
             route_columns,
             route_index: vec![],
-            meta_key: None,
+            meta_key,
             compiled: None,
             null_rows: 0,
             null_examples: vec![],
@@ -120,4 +121,18 @@ fn object_text(columns: &[String], index: &[usize], values: &[Value]) -> String 
         out.insert(column.clone(), values[i].clone());
     }
     Value::Object(out).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_field_named_like_the_metadata_key_is_refused() {
+        let names = ["id".to_string(), "_meta".to_string()];
+        let err = compile(&Mapping::default(), &names, Some("_meta")).unwrap_err();
+        assert!(err.contains("`_meta`") && err.contains("metadata_key"), "{err}");
+        assert!(compile(&Mapping::default(), &names, Some("meta")).is_ok());
+        assert!(compile(&Mapping::default(), &names, None).is_ok());
+    }
 }
