@@ -13,6 +13,11 @@
 //! Each measurement prints one JSON line.
 
 use backflow_source::{PostgresSource, RowConsumer};
+
+/// The allocator of the `backflow` binary, so the source is measured as it
+/// runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::{Value, json};
 use std::time::Instant;
 

@@ -2,12 +2,25 @@
 //! are never downloaded), queried with a streaming result.
 
 use crate::{RowConsumer, SourceError, check_distinct, json};
+use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::{AccessMode, Config, Connection};
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::mpsc::sync_channel;
+
+/// Result batches the query may run ahead of its consumer.
+const AHEAD: usize = 8;
 
 /// A DuckDB connection to a database file or an in-memory database.
 pub struct DuckDbSource {
-    conn: Connection,
+    /// Locked by the thread that runs a query (the connection is `Send`,
+    /// not `Sync`).
+    conn: Mutex<Connection>,
+}
+
+enum Message {
+    Columns(Vec<String>),
+    Batch(RecordBatch),
 }
 
 impl DuckDbSource {
@@ -37,42 +50,63 @@ impl DuckDbSource {
         if let Some(sql) = init {
             conn.execute_batch(sql).map_err(|e| SourceError::Init(e.to_string()))?;
         }
-        Ok(DuckDbSource { conn })
+        Ok(DuckDbSource { conn: Mutex::new(conn) })
     }
 
-    /// The underlying connection (for tests and tools that prepare data).
-    pub fn connection(&self) -> &Connection {
-        &self.conn
-    }
-
-    /// Streams `query`'s rows to `consumer`, one Arrow batch at a time.
+    /// Streams `query`'s rows to `consumer`, one Arrow batch at a time. The
+    /// query runs on its own thread, a few batches ahead of the consumer,
+    /// so DuckDB's work overlaps the consumer's.
     pub fn stream(&self, query: &str, consumer: &mut dyn RowConsumer) -> Result<u64, SourceError> {
-        let query_err = |e: duckdb::Error| SourceError::Query(e.to_string());
-        let mut stmt = self.conn.prepare(query).map_err(query_err)?;
-        let batches = stmt.stream_arrow([]).map_err(query_err)?;
-        let schema = batches.get_schema();
-        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        check_distinct(&names)?;
-        for field in schema.fields() {
-            json::check_supported(field.name(), field.data_type())?;
-        }
-        consumer.columns(&names).map_err(SourceError::Consumer)?;
-        let mut count = 0u64;
-        for batch in batches {
-            let batch = batch.map_err(query_err)?;
-            let columns = batch.columns();
-            for row in 0..batch.num_rows() {
-                let mut values = Vec::with_capacity(columns.len());
-                for (column, name) in columns.iter().zip(&names) {
-                    values.push(
-                        json::cell(column.as_ref(), row)
-                            .map_err(|t| SourceError::UnsupportedType { column: name.clone(), type_name: t })?,
-                    );
+        let (tx, rx) = sync_channel::<Result<Message, SourceError>>(AHEAD);
+        let conn = &self.conn;
+        // Both ends move in: the receiver is dropped when this closure
+        // returns (also early, when the consumer fails), which stops the
+        // producer before the scope waits for it.
+        std::thread::scope(move |scope| {
+            scope.spawn(move || {
+                let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Err(e) = produce(&conn, query, &tx) {
+                    let _ = tx.send(Err(e));
                 }
-                consumer.row(values).map_err(SourceError::Consumer)?;
-                count += 1;
+            });
+            let mut count = 0u64;
+            for message in rx {
+                match message? {
+                    Message::Columns(names) => consumer.columns(&names).map_err(SourceError::Consumer)?,
+                    Message::Batch(batch) => {
+                        consumer.batch(&batch).map_err(SourceError::Consumer)?;
+                        count += batch.num_rows() as u64;
+                    }
+                }
             }
-        }
-        Ok(count)
+            Ok(count)
+        })
     }
+}
+
+/// Runs `query` and sends its column names, then its batches. Returns
+/// early (quietly) when the consumer has gone.
+fn produce(
+    conn: &Connection,
+    query: &str,
+    tx: &std::sync::mpsc::SyncSender<Result<Message, SourceError>>,
+) -> Result<(), SourceError> {
+    let query_err = |e: duckdb::Error| SourceError::Query(e.to_string());
+    let mut stmt = conn.prepare(query).map_err(query_err)?;
+    let batches = stmt.stream_arrow([]).map_err(query_err)?;
+    let schema = batches.get_schema();
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    check_distinct(&names)?;
+    for field in schema.fields() {
+        json::check_supported(field.name(), field.data_type())?;
+    }
+    if tx.send(Ok(Message::Columns(names))).is_err() {
+        return Ok(());
+    }
+    for batch in batches {
+        if tx.send(Ok(Message::Batch(batch.map_err(query_err)?))).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }

@@ -24,7 +24,9 @@
 
 use base64::Engine;
 use chrono::{DateTime, NaiveDate};
-use duckdb::arrow::array::{Array, AsArray};
+use duckdb::arrow::array::{
+    Array, AsArray, BooleanArray, Date32Array, Decimal128Array, LargeStringArray, StringArray, StringViewArray,
+};
 use duckdb::arrow::datatypes::{
     DataType, Date32Type, Date64Type, Decimal128Type, Decimal256Type, DurationMicrosecondType, DurationMillisecondType,
     DurationNanosecondType, DurationSecondType, Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type,
@@ -178,6 +180,172 @@ pub fn cell(array: &dyn Array, i: usize) -> Result<Value, String> {
     })
 }
 
+/// Writes the JSON text of row `i` of `array` to `out`: byte for byte what
+/// [`cell`] gives when serialized. For many rows of one array, make a
+/// [`ColumnWriter`] once instead.
+pub fn write_cell(array: &dyn Array, i: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    ColumnWriter::new(array).write(i, out)
+}
+
+/// Writes the JSON text of a column's values without building a JSON value
+/// for the common scalar types (the staging hot path): the column's type is
+/// looked at once, not per value.
+pub enum ColumnWriter<'a> {
+    /// BOOLEAN.
+    Bool(&'a BooleanArray),
+    /// Signed integers, widened.
+    Int(Box<dyn Fn(usize) -> i64 + 'a>, &'a dyn Array),
+    /// Unsigned integers, widened.
+    UInt(Box<dyn Fn(usize) -> u64 + 'a>, &'a dyn Array),
+    /// VARCHAR.
+    Utf8(&'a StringArray),
+    /// Large VARCHAR.
+    LargeUtf8(&'a LargeStringArray),
+    /// VARCHAR views.
+    Utf8View(&'a StringViewArray),
+    /// DECIMAL with a positive scale.
+    Decimal(&'a Decimal128Array, usize),
+    /// DATE.
+    Date(&'a Date32Array),
+    /// Anything else, through [`cell`].
+    Other(&'a dyn Array),
+}
+
+impl<'a> ColumnWriter<'a> {
+    /// The writer for `array`.
+    pub fn new(array: &'a dyn Array) -> ColumnWriter<'a> {
+        use DataType::*;
+        fn signed<T: duckdb::arrow::datatypes::ArrowPrimitiveType>(a: &dyn Array) -> Box<dyn Fn(usize) -> i64 + '_>
+        where
+            T::Native: Into<i64>,
+        {
+            let a = a.as_primitive::<T>();
+            Box::new(move |i| a.value(i).into())
+        }
+        fn unsigned<T: duckdb::arrow::datatypes::ArrowPrimitiveType>(a: &dyn Array) -> Box<dyn Fn(usize) -> u64 + '_>
+        where
+            T::Native: Into<u64>,
+        {
+            let a = a.as_primitive::<T>();
+            Box::new(move |i| a.value(i).into())
+        }
+        match array.data_type() {
+            Boolean => ColumnWriter::Bool(array.as_boolean()),
+            Int8 => ColumnWriter::Int(signed::<Int8Type>(array), array),
+            Int16 => ColumnWriter::Int(signed::<Int16Type>(array), array),
+            Int32 => ColumnWriter::Int(signed::<Int32Type>(array), array),
+            Int64 => ColumnWriter::Int(signed::<Int64Type>(array), array),
+            UInt8 => ColumnWriter::UInt(unsigned::<UInt8Type>(array), array),
+            UInt16 => ColumnWriter::UInt(unsigned::<UInt16Type>(array), array),
+            UInt32 => ColumnWriter::UInt(unsigned::<UInt32Type>(array), array),
+            UInt64 => ColumnWriter::UInt(unsigned::<UInt64Type>(array), array),
+            Utf8 => ColumnWriter::Utf8(array.as_string::<i32>()),
+            LargeUtf8 => ColumnWriter::LargeUtf8(array.as_string::<i64>()),
+            Utf8View => ColumnWriter::Utf8View(array.as_string_view()),
+            Decimal128(_, scale) if *scale > 0 => {
+                ColumnWriter::Decimal(array.as_primitive::<Decimal128Type>(), *scale as usize)
+            }
+            Date32 => ColumnWriter::Date(array.as_primitive::<Date32Type>()),
+            _ => ColumnWriter::Other(array),
+        }
+    }
+
+    /// Writes row `i`'s value.
+    pub fn write(&self, i: usize, out: &mut Vec<u8>) -> Result<(), String> {
+        let array: &dyn Array = match self {
+            ColumnWriter::Bool(a) => *a,
+            ColumnWriter::Int(_, a) | ColumnWriter::UInt(_, a) | ColumnWriter::Other(a) => *a,
+            ColumnWriter::Utf8(a) => *a,
+            ColumnWriter::LargeUtf8(a) => *a,
+            ColumnWriter::Utf8View(a) => *a,
+            ColumnWriter::Decimal(a, _) => *a,
+            ColumnWriter::Date(a) => *a,
+        };
+        if array.is_null(i) {
+            out.extend_from_slice(b"null");
+            return Ok(());
+        }
+        match self {
+            ColumnWriter::Bool(a) => out.extend_from_slice(if a.value(i) { b"true" } else { b"false" }),
+            ColumnWriter::Int(value, _) => out.extend_from_slice(itoa::Buffer::new().format(value(i)).as_bytes()),
+            ColumnWriter::UInt(value, _) => out.extend_from_slice(itoa::Buffer::new().format(value(i)).as_bytes()),
+            ColumnWriter::Utf8(a) => string(a.value(i), out),
+            ColumnWriter::LargeUtf8(a) => string(a.value(i), out),
+            ColumnWriter::Utf8View(a) => string(a.value(i), out),
+            ColumnWriter::Decimal(a, scale) => decimal(a.value(i), *scale, out),
+            ColumnWriter::Date(a) => write_date(a.value(i) as i64, out),
+            ColumnWriter::Other(a) => serialize(&cell(*a, i)?, out),
+        }
+        Ok(())
+    }
+}
+
+/// A date as [`date`] writes it, without building a value.
+fn write_date(days: i64, out: &mut Vec<u8>) {
+    match NaiveDate::from_ymd_opt(1970, 1, 1)
+        .and_then(|epoch| epoch.checked_add_signed(chrono::TimeDelta::try_days(days)?))
+    {
+        Some(d) => {
+            let mut text = String::with_capacity(10);
+            push_ymd(d, &mut text);
+            string(&text, out);
+        }
+        None => serialize(&date(days), out),
+    }
+}
+
+/// `YYYY-MM-DD` as chrono's `%Y-%m-%d` writes it, digits written directly
+/// for years 0–9999.
+fn push_ymd(d: NaiveDate, out: &mut String) {
+    use chrono::Datelike;
+    let year = d.year();
+    if !(0..=9999).contains(&year) {
+        use std::fmt::Write;
+        write!(out, "{}", d.format("%Y-%m-%d")).expect("writing to a String cannot fail");
+        return;
+    }
+    let year = year as u32;
+    push_two_digits(year / 100, out);
+    push_two_digits(year % 100, out);
+    out.push('-');
+    push_two_digits(d.month(), out);
+    out.push('-');
+    push_two_digits(d.day(), out);
+}
+
+fn push_two_digits(n: u32, out: &mut String) {
+    out.push(char::from(b'0' + (n / 10) as u8));
+    out.push(char::from(b'0' + (n % 10) as u8));
+}
+
+fn serialize(value: &Value, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, value).expect("JSON values serialize");
+}
+
+fn string(text: &str, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, text).expect("strings serialize");
+}
+
+/// A decimal's digits with `scale` of them after the point, as Arrow's
+/// `value_as_string` writes it (`-0.05`, `12.50`).
+fn decimal(value: i128, scale: usize, out: &mut Vec<u8>) {
+    if value < 0 {
+        out.push(b'-');
+    }
+    let mut buffer = itoa::Buffer::new();
+    let digits = buffer.format(value.unsigned_abs()).as_bytes();
+    if digits.len() > scale {
+        let (whole, fraction) = digits.split_at(digits.len() - scale);
+        out.extend_from_slice(whole);
+        out.push(b'.');
+        out.extend_from_slice(fraction);
+    } else {
+        out.extend_from_slice(b"0.");
+        out.extend(std::iter::repeat_n(b'0', scale - digits.len()));
+        out.extend_from_slice(digits);
+    }
+}
+
 fn list(values: &dyn Array) -> Result<Value, String> {
     (0..values.len()).map(|j| cell(values, j)).collect::<Result<Vec<_>, _>>().map(Value::Array)
 }
@@ -217,7 +385,11 @@ pub(crate) fn date(days: i64) -> Value {
     match NaiveDate::from_ymd_opt(1970, 1, 1)
         .and_then(|epoch| epoch.checked_add_signed(chrono::TimeDelta::try_days(days)?))
     {
-        Some(d) => Value::String(d.format("%Y-%m-%d").to_string()),
+        Some(d) => {
+            let mut out = String::with_capacity(10);
+            push_ymd(d, &mut out);
+            Value::String(out)
+        }
         None => infinity(days),
     }
 }
@@ -261,12 +433,24 @@ pub(crate) fn timestamp(v: i64, unit: TimeUnit, utc: bool) -> Value {
     let per = units_per_second(unit);
     let (secs, sub) = (v.div_euclid(per), v.rem_euclid(per));
     match DateTime::from_timestamp(secs, 0) {
-        Some(t) => Value::String(format!(
-            "{}{}{}",
-            t.naive_utc().format("%Y-%m-%dT%H:%M:%S"),
-            fraction(sub, unit),
-            if utc { "Z" } else { "" }
-        )),
+        Some(t) => {
+            use chrono::Timelike;
+            let t = t.naive_utc();
+            let mut out = String::with_capacity(32);
+            push_ymd(t.date(), &mut out);
+            out.push('T');
+            for (i, n) in [t.hour(), t.minute(), t.second()].into_iter().enumerate() {
+                if i > 0 {
+                    out.push(':');
+                }
+                push_two_digits(n, &mut out);
+            }
+            out.push_str(&fraction(sub, unit));
+            if utc {
+                out.push('Z');
+            }
+            Value::String(out)
+        }
         None => infinity(v),
     }
 }
@@ -321,6 +505,21 @@ mod tests {
         assert_eq!(date(19_753), "2024-01-31");
         assert_eq!(date(i32::MAX as i64), "infinity");
         assert_eq!(timestamp(1_500_000, TimeUnit::Microsecond, true), "1970-01-01T00:00:01.500000Z");
+        // Digits written directly match chrono's formatting, and years
+        // beyond four digits fall back to it.
+        for days in [-719_528i64, -1, 0, 59, 10_957, 2_932_896, 2_932_897, 5_000_000, -800_000] {
+            let chrono_date = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap() + chrono::TimeDelta::days(days);
+            assert_eq!(date(days), chrono_date.format("%Y-%m-%d").to_string(), "day {days}");
+            let mut written = Vec::new();
+            write_date(days, &mut written);
+            assert_eq!(String::from_utf8(written).unwrap(), date(days).to_string());
+            let micros = days * 86_400_000_000 + 45_296_000_001;
+            let chrono_time = DateTime::from_timestamp_micros(micros).unwrap().naive_utc();
+            assert_eq!(
+                timestamp(micros, TimeUnit::Microsecond, false),
+                format!("{}.000001", chrono_time.format("%Y-%m-%dT%H:%M:%S"))
+            );
+        }
     }
 
     #[test]
@@ -329,5 +528,19 @@ mod tests {
         assert_eq!(float(f64::NAN, |v| v.to_string()), "NaN");
         assert_eq!(float(f64::NEG_INFINITY, |v| v.to_string()), "-Infinity");
         assert_eq!(exact_number("12.50").to_string(), "12.50");
+    }
+
+    #[test]
+    fn written_decimals_match_arrow_text() {
+        use duckdb::arrow::array::Decimal128Array;
+        let values = [0i128, 5, -5, 50, 1250, -1250, 123_456_789, -100, 99_999, i64::MAX as i128 * 1000];
+        for scale in [1i8, 2, 4, 9] {
+            let array = Decimal128Array::from(values.to_vec()).with_precision_and_scale(38, scale).unwrap();
+            for i in 0..values.len() {
+                let mut out = Vec::new();
+                write_cell(&array, i, &mut out).unwrap();
+                assert_eq!(String::from_utf8(out).unwrap(), cell(&array, i).unwrap().to_string());
+            }
+        }
     }
 }

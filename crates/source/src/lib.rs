@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+pub use duckdb::arrow::record_batch::RecordBatch;
 pub use duckdb_source::DuckDbSource;
 pub use postgres::{PostgresSource, redact_url};
 
@@ -148,6 +149,26 @@ pub trait RowConsumer {
     fn columns(&mut self, names: &[String]) -> Result<(), String>;
     /// Called for each row, values in column order.
     fn row(&mut self, values: Vec<Value>) -> Result<(), String>;
+    /// Called with each Arrow batch by a source that produces them (DuckDB),
+    /// instead of [`RowConsumer::row`]; the default hands its rows to `row`.
+    /// Consumers that can read columns directly ([`json::write_cell`])
+    /// override it.
+    fn batch(&mut self, batch: &RecordBatch) -> Result<(), String> {
+        for i in 0..batch.num_rows() {
+            let values = batch
+                .columns()
+                .iter()
+                .zip(batch.schema().fields())
+                .map(|(column, field)| {
+                    json::cell(column.as_ref(), i).map_err(|t| {
+                        SourceError::UnsupportedType { column: field.name().clone(), type_name: t }.to_string()
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.row(values)?;
+        }
+        Ok(())
+    }
 }
 
 /// A connected warehouse.

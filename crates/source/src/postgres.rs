@@ -13,7 +13,7 @@ use duckdb::arrow::datatypes::TimeUnit;
 use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode, PgTypeInfo, PgTypeKind};
-use sqlx::{Column, Connection, Executor, Row, SqlSafeStr, Statement, TypeInfo, ValueRef};
+use sqlx::{Column, Connection, Executor, SqlSafeStr, Statement, TypeInfo};
 use std::str::FromStr;
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Duration;
@@ -168,32 +168,103 @@ impl PostgresSource {
         if tx.send(Ok(Message::Columns(names.clone()))).is_err() {
             return Ok(());
         }
-        let mut rows = statement.query().fetch(&mut conn);
+        // The rows come as `COPY … TO STDOUT` in the binary format, as psql's
+        // `\copy` reads them: one message per row, no per-row bookkeeping.
+        let copy = format!("COPY (\n{}\n) TO STDOUT (FORMAT binary)", query.trim_end().trim_end_matches(';'));
+        let mut chunks = conn.copy_out_raw(&copy).await.map_err(|e| SourceError::Query(explain(&e)))?;
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut at = 0;
+        let mut header = true;
         let mut batch = Vec::with_capacity(BATCH);
-        while let Some(row) = rows.try_next().await.map_err(|e| SourceError::Query(explain(&e)))? {
-            let mut values = Vec::with_capacity(kinds.len());
-            for (i, kind) in kinds.iter().enumerate() {
-                let raw = row.try_get_raw(i).map_err(|e| SourceError::Query(explain(&e)))?;
-                let value = if raw.is_null() {
-                    Value::Null
-                } else {
-                    let bytes = raw.as_bytes().map_err(|e| SourceError::Query(e.to_string()))?;
-                    decode(kind, bytes).map_err(|reason| SourceError::Value { column: names[i].clone(), reason })?
-                };
-                values.push(value);
+        while let Some(chunk) = chunks.try_next().await.map_err(|e| SourceError::Query(explain(&e)))? {
+            buffer.drain(..at);
+            at = 0;
+            buffer.extend_from_slice(&chunk);
+            if header {
+                match copy_header(&buffer).map_err(SourceError::Query)? {
+                    Some(len) => (at, header) = (len, false),
+                    None => continue,
+                }
             }
-            batch.push(values);
-            if batch.len() == BATCH && tx.send(Ok(Message::Rows(std::mem::take(&mut batch)))).is_err() {
-                return Ok(());
+            while let Some((fields, end)) = copy_tuple(&buffer, at).map_err(SourceError::Query)? {
+                at = end;
+                let Some(fields) = fields else { break };
+                if fields.len() != kinds.len() {
+                    return Err(SourceError::Query(format!(
+                        "COPY sent {} columns where the query has {}",
+                        fields.len(),
+                        kinds.len()
+                    )));
+                }
+                let mut values = Vec::with_capacity(kinds.len());
+                for (i, (kind, field)) in kinds.iter().zip(fields).enumerate() {
+                    values.push(match field {
+                        None => Value::Null,
+                        Some(range) => decode(kind, &buffer[range])
+                            .map_err(|reason| SourceError::Value { column: names[i].clone(), reason })?,
+                    });
+                }
+                batch.push(values);
+                if batch.len() == BATCH && tx.send(Ok(Message::Rows(std::mem::take(&mut batch)))).is_err() {
+                    return Ok(());
+                }
             }
         }
-        drop(rows);
+        drop(chunks);
         if !batch.is_empty() {
             let _ = tx.send(Ok(Message::Rows(batch)));
         }
         let _ = conn.close().await;
         Ok(())
     }
+}
+
+/// The signature that opens `COPY … (FORMAT binary)` output.
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+/// The length of the binary COPY header at the start of `buffer`, `None`
+/// while it is incomplete.
+fn copy_header(buffer: &[u8]) -> Result<Option<usize>, String> {
+    if buffer.len() < COPY_SIGNATURE.len() + 8 {
+        return Ok(None);
+    }
+    if !buffer.starts_with(COPY_SIGNATURE) {
+        return Err("the server's COPY output does not start with the binary signature".into());
+    }
+    let extension = i32_at(buffer, COPY_SIGNATURE.len() + 4)?;
+    let len = COPY_SIGNATURE.len() + 8 + usize::try_from(extension).map_err(|_| "a malformed COPY header")?;
+    Ok((buffer.len() >= len).then_some(len))
+}
+
+/// The byte ranges of the fields (`None` for NULL) of the tuple at `at`,
+/// and where the next one starts; `None` while the tuple is incomplete, and
+/// no fields at the end marker.
+#[allow(clippy::type_complexity)]
+fn copy_tuple(
+    buffer: &[u8],
+    at: usize,
+) -> Result<Option<(Option<Vec<Option<std::ops::Range<usize>>>>, usize)>, String> {
+    let Ok(count) = i16_at(buffer, at) else { return Ok(None) };
+    if count == -1 {
+        return Ok(Some((None, at + 2)));
+    }
+    let mut fields = Vec::with_capacity(count.max(0) as usize);
+    let mut pos = at + 2;
+    for _ in 0..count {
+        let Ok(len) = i32_at(buffer, pos) else { return Ok(None) };
+        pos += 4;
+        if len < 0 {
+            fields.push(None);
+        } else {
+            let end = pos + len as usize;
+            if end > buffer.len() {
+                return Ok(None);
+            }
+            fields.push(Some(pos..end));
+            pos = end;
+        }
+    }
+    Ok(Some((Some(fields), pos)))
 }
 
 /// The JSON rule for a column type; `None` for a type without one.
@@ -450,6 +521,41 @@ mod tests {
             b.extend(d.to_be_bytes());
         }
         b
+    }
+
+    #[test]
+    fn binary_copy_output_parses_across_any_split() {
+        let mut out = COPY_SIGNATURE.to_vec();
+        out.extend(0i32.to_be_bytes());
+        out.extend(2i32.to_be_bytes()); // a header extension of 2 bytes
+        out.extend([9, 9]);
+        let header = out.len();
+        out.extend(2i16.to_be_bytes());
+        out.extend(3i32.to_be_bytes());
+        out.extend(b"abc");
+        out.extend((-1i32).to_be_bytes());
+        let first_end = out.len();
+        out.extend((-1i16).to_be_bytes());
+        for cut in 0..out.len() {
+            let part = &out[..cut];
+            match copy_header(part).unwrap() {
+                None => assert!(cut < header, "cut {cut}"),
+                Some(len) => {
+                    assert_eq!(len, header);
+                    match copy_tuple(part, len).unwrap() {
+                        None => assert!(cut < first_end, "cut {cut}"),
+                        Some((fields, end)) => {
+                            assert_eq!(fields, Some(vec![Some(header + 6..header + 9), None]));
+                            assert_eq!(end, first_end);
+                            let last = copy_tuple(part, end).unwrap();
+                            assert_eq!(last.is_some(), cut == out.len(), "cut {cut}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(copy_tuple(&out, first_end).unwrap(), Some((None, out.len())));
+        assert!(copy_header(b"NOTCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0").is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Every DuckDB column type becomes JSON by the documented rule.
 
-use backflow_source::{RowConsumer, SourceError, Warehouse, WarehouseConfig};
+use backflow_source::{RowConsumer, SourceError, Warehouse, WarehouseConfig, json};
 use serde_json::{Value, json};
 
 #[derive(Default)]
@@ -110,6 +110,48 @@ fn nested_types_become_arrays_and_objects() {
     assert_eq!(json_of("union_value(num := 2)::UNION(num INTEGER, str VARCHAR)"), "2");
     assert_eq!(json_of("NULL"), "null");
     assert_eq!(json_of("NULL::INTEGER[]"), "null");
+}
+
+/// Compares, cell by cell, the JSON text written straight from a batch
+/// (the staging path) with the serialized JSON value.
+struct SameText(u64);
+
+impl RowConsumer for SameText {
+    fn columns(&mut self, _: &[String]) -> Result<(), String> {
+        Ok(())
+    }
+    fn row(&mut self, _: Vec<Value>) -> Result<(), String> {
+        unreachable!("DuckDB hands over batches")
+    }
+    fn batch(&mut self, batch: &backflow_source::RecordBatch) -> Result<(), String> {
+        for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
+            for i in 0..batch.num_rows() {
+                let mut written = Vec::new();
+                json::write_cell(column.as_ref(), i, &mut written)?;
+                let value = json::cell(column.as_ref(), i)?;
+                assert_eq!(String::from_utf8(written).unwrap(), value.to_string(), "column {}", field.name());
+                self.0 += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn json_written_from_batches_is_the_json_of_the_values() {
+    let mut c = SameText(0);
+    memory().stream("select * from test_all_types()", &mut c).unwrap();
+    memory()
+        .stream(
+            r#"select * from (values
+                 (12.50::decimal(10, 2), -0.05::decimal(4, 2), 7::decimal(18, 0), 123456789012345678901234567.1::decimal(38, 1),
+                  'quote " backslash \ newline
+ tab	 é ☃ 🦆', date '2024-01-31', 'infinity'::date, '-infinity'::date, true, (-128)::tinyint, 18446744073709551615::ubigint),
+                 (null, null, null, null, null, null, null, null, null, null, null))"#,
+            &mut c,
+        )
+        .unwrap();
+    assert!(c.0 > 100, "{} cells compared", c.0);
 }
 
 #[test]
