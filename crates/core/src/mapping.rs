@@ -85,7 +85,11 @@ fn place(fields: &mut Vec<Field>, path: &[&str], slot: Slot) {
     }
 }
 
-fn write_object(fields: &[Field], row: &[Value], out: &mut Vec<u8>) {
+fn write_object<E>(
+    fields: &[Field],
+    out: &mut Vec<u8>,
+    cell: &mut impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
     out.push(b'{');
     for (i, field) in fields.iter().enumerate() {
         if i > 0 {
@@ -94,12 +98,13 @@ fn write_object(fields: &[Field], row: &[Value], out: &mut Vec<u8>) {
         out.extend_from_slice(field.json_name.as_bytes());
         out.push(b':');
         match &field.slot {
-            Slot::Column(index) => serde_json::to_writer(&mut *out, &row[*index]).expect("JSON values serialize"),
+            Slot::Column(index) => cell(*index, out)?,
             Slot::Static(text) => out.extend_from_slice(text.as_bytes()),
-            Slot::Object(children) => write_object(children, row, out),
+            Slot::Object(children) => write_object(children, out, cell)?,
         }
     }
     out.push(b'}');
+    Ok(())
 }
 
 impl Mapping {
@@ -153,7 +158,22 @@ impl CompiledMapping {
     /// compact JSON: fields in mapping order, then statics; nested objects
     /// where a dotted name first opened them.
     pub fn write_payload(&self, row: &[Value], out: &mut Vec<u8>) {
-        write_object(&self.fields, row, out);
+        let written: Result<(), std::convert::Infallible> = self.write_payload_with(out, &mut |index, out| {
+            serde_json::to_writer(out, &row[index]).expect("JSON values serialize");
+            Ok(())
+        });
+        written.unwrap_or_else(|never| match never {});
+    }
+
+    /// Like [`CompiledMapping::write_payload`], with `cell(column, out)`
+    /// writing the JSON text of the row's value in a column (for rows that
+    /// are not held as values, e.g. a row of a columnar batch).
+    pub fn write_payload_with<E>(
+        &self,
+        out: &mut Vec<u8>,
+        cell: &mut impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        write_object(&self.fields, out, cell)
     }
 
     /// The payload of one row as compact JSON text.

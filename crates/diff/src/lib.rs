@@ -20,7 +20,8 @@
 mod store;
 
 pub use store::{
-    Ack, Delivered, DiffCounts, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore, now,
+    Ack, Delivered, DiffCounts, HashSet64, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore,
+    key_hash, now, pair_hash,
 };
 
 /// Why state could not be read or written.

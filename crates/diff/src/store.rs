@@ -3,9 +3,12 @@
 
 use crate::DiffError;
 use backflow_core::{Change, Mode, Op};
+use duckdb::arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder, UInt64Builder};
+use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::{Appender, Config, Connection, OptionalExt, params};
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS snapshot (
@@ -183,23 +186,81 @@ pub struct Delivered {
     pub delivered_at: String,
 }
 
-/// Loads the current query result into the state's staging table.
+/// Loads the current query result into the state's staging table, in
+/// columnar batches.
 pub struct Stager<'a> {
     appender: Appender<'a>,
     ord: i64,
+    key: StringBuilder,
+    fingerprint: UInt64Builder,
+    payload: StringBuilder,
+    route: StringBuilder,
+    ords: Int64Builder,
 }
+
+/// A set of 64-bit hashes, which are used as they are (they are already
+/// uniformly spread).
+pub type HashSet64 = std::collections::HashSet<u64, nohash_hasher::BuildNoHashHasher<u64>>;
+
+/// The 64-bit hash of a key's canonical text.
+pub fn key_hash(key: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
+}
+
+/// One 64-bit value for a key (its [`key_hash`]) and a fingerprint.
+pub fn pair_hash(key_hash: u64, fingerprint: u64) -> u64 {
+    key_hash ^ fingerprint.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Rows per batch appended to the staging table (DuckDB's vector size).
+const STAGE_BATCH: usize = 2048;
 
 impl Stager<'_> {
     /// Stages one row: its key text, its fingerprint, the payload and the
-    /// URL's column values.
-    pub fn push(&mut self, key: &str, fingerprint: u64, payload: &str, route: Option<&str>) -> Result<(), DiffError> {
+    /// URL's column values. The payload may be left out (`None`) for a row
+    /// whose key and fingerprint the snapshot already holds
+    /// ([`StateStore::delivered_pairs`]): it cannot be a change, and the
+    /// payloads of all rows are most of what staging would write.
+    pub fn push(
+        &mut self,
+        key: &str,
+        fingerprint: u64,
+        payload: Option<&str>,
+        route: Option<&str>,
+    ) -> Result<(), DiffError> {
         self.ord += 1;
-        self.appender.append_row(params![key, fingerprint, payload, route, self.ord])?;
+        self.key.append_value(key);
+        self.fingerprint.append_value(fingerprint);
+        self.payload.append_option(payload);
+        self.route.append_option(route);
+        self.ords.append_value(self.ord);
+        if self.ords.len() >= STAGE_BATCH {
+            self.append_batch()?;
+        }
+        Ok(())
+    }
+
+    fn append_batch(&mut self) -> Result<(), DiffError> {
+        if self.ords.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.key.finish()),
+            Arc::new(self.fingerprint.finish()),
+            Arc::new(self.payload.finish()),
+            Arc::new(self.route.finish()),
+            Arc::new(self.ords.finish()),
+        ];
+        let batch =
+            RecordBatch::try_from_iter(["key", "fingerprint", "payload", "route", "ord"].into_iter().zip(columns))
+                .expect("the staging columns are of equal length");
+        self.appender.append_record_batch(batch)?;
         Ok(())
     }
 
     /// Flushes what was staged.
     pub fn finish(mut self) -> Result<u64, DiffError> {
+        self.append_batch()?;
         self.appender.flush()?;
         Ok(self.ord as u64)
     }
@@ -279,7 +340,15 @@ impl StateStore {
         self.conn.execute_batch(
             "CREATE OR REPLACE TEMP TABLE staged (key VARCHAR, fingerprint UBIGINT, payload VARCHAR, route VARCHAR, ord BIGINT)",
         )?;
-        Ok(Stager { appender: self.conn.appender("staged")?, ord: 0 })
+        Ok(Stager {
+            appender: self.conn.appender("staged")?,
+            ord: 0,
+            key: StringBuilder::new(),
+            fingerprint: UInt64Builder::new(),
+            payload: StringBuilder::new(),
+            route: StringBuilder::new(),
+            ords: Int64Builder::new(),
+        })
     }
 
     /// Keys that appear more than once in the staged rows.
@@ -308,13 +377,20 @@ impl StateStore {
     /// added and no key counts as removed (a full re-sync never mass-deletes).
     pub fn diff(&self, mode: Mode, full: bool) -> Result<DiffCounts, DiffError> {
         self.fold_acks()?;
-        let added = if full { "TRUE" } else { "s.key IS NULL" };
-        let removed = if full {
-            String::new()
+        // Only keys and fingerprints take part in the join; payloads are
+        // fetched afterwards for the records to send, by row id, so the
+        // cost of a diff does not grow with the width of the rows.
+        let changes = if full {
+            "SELECT key, 'added' AS change, ord, rowid AS staged_row, NULL::BIGINT AS snapshot_row FROM staged"
+                .to_string()
         } else {
-            "UNION ALL
-             SELECT s.key, 'removed', s.fingerprint, s.payload, s.route, NULL
-             FROM snapshot s ANTI JOIN staged c ON s.key = c.key"
+            "SELECT coalesce(c.key, s.key) AS key,
+                    CASE WHEN s.key IS NULL THEN 'added'
+                         WHEN c.key IS NULL THEN 'removed'
+                         WHEN s.fingerprint <> c.fingerprint THEN 'changed' END AS change,
+                    c.ord, c.rowid AS staged_row, s.rowid AS snapshot_row
+             FROM (SELECT rowid, key, fingerprint, ord FROM staged) c
+             FULL OUTER JOIN (SELECT rowid, key, fingerprint FROM snapshot) s ON s.key = c.key"
                 .to_string()
         };
         let mut op_case = String::from("CASE");
@@ -326,18 +402,25 @@ impl StateStore {
         op_case.push_str(" END");
         self.conn.execute_batch(&format!(
             "CREATE OR REPLACE TEMP TABLE diff AS
-             SELECT key, change, fingerprint, payload, route, ord, {op_case} AS op FROM (
-                 SELECT c.key,
-                        CASE WHEN {added} THEN 'added'
-                             WHEN s.fingerprint <> c.fingerprint THEN 'changed' END AS change,
-                        c.fingerprint, c.payload, c.route, c.ord
-                 FROM staged c LEFT JOIN snapshot s ON s.key = c.key
-                 {removed}
-             ) WHERE change IS NOT NULL;
+             SELECT key, change, ord, staged_row, snapshot_row, {op_case} AS op FROM ({changes})
+             WHERE change IS NOT NULL;
              CREATE OR REPLACE TABLE outbox AS
              SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
                     key, change, op, fingerprint, payload, route
-             FROM diff WHERE op IS NOT NULL;"
+             FROM (
+                 SELECT d.key, d.change, d.op, d.ord, c.fingerprint, c.payload, c.route
+                 FROM diff d
+                 JOIN (SELECT rowid AS staged_row, fingerprint, payload, route FROM staged
+                       WHERE rowid IN (SELECT staged_row FROM diff WHERE op IS NOT NULL)) c USING (staged_row)
+                 WHERE d.op IS NOT NULL
+                 UNION ALL
+                 SELECT d.key, d.change, d.op, d.ord, s.fingerprint, s.payload, s.route
+                 FROM diff d
+                 JOIN (SELECT rowid AS snapshot_row, fingerprint, payload, route FROM snapshot
+                       WHERE rowid IN (SELECT snapshot_row FROM diff WHERE op IS NOT NULL AND staged_row IS NULL)) s
+                   USING (snapshot_row)
+                 WHERE d.op IS NOT NULL AND d.staged_row IS NULL
+             );"
         ))?;
         let mut counts = DiffCounts {
             rows: self.count("SELECT count(*) FROM staged")?,
@@ -360,6 +443,37 @@ impl StateStore {
         }
         counts.unchanged = counts.rows - counts.added - counts.changed;
         Ok(counts)
+    }
+
+    /// Records to send whose payload was not staged: only possible when the
+    /// hash of a changed row's key and fingerprint collided with a
+    /// delivered pair, and then the query must be staged again with every
+    /// payload.
+    pub fn outbox_missing_payloads(&self) -> Result<u64, DiffError> {
+        self.count("SELECT count(*) FROM outbox WHERE payload IS NULL")
+    }
+
+    /// The pair hashes ([`pair_hash`]) of every key and fingerprint in the
+    /// snapshot, for staging to leave out the payloads of unchanged rows;
+    /// `None` when the snapshot has more than `limit` keys (the set takes
+    /// about 16 bytes per key).
+    pub fn delivered_pairs(&self, limit: u64) -> Result<Option<HashSet64>, DiffError> {
+        use duckdb::arrow::array::AsArray;
+        use duckdb::arrow::datatypes::UInt64Type;
+        let n = self.snapshot_len()?;
+        if n > limit {
+            return Ok(None);
+        }
+        let mut pairs = HashSet64::with_capacity_and_hasher(n as usize, Default::default());
+        let mut stmt = self.conn.prepare("SELECT key, fingerprint FROM snapshot")?;
+        for batch in stmt.query_arrow([])? {
+            let key = batch.column(0).as_string::<i32>();
+            let fingerprint = batch.column(1).as_primitive::<UInt64Type>();
+            for i in 0..batch.num_rows() {
+                pairs.insert(pair_hash(key_hash(key.value(i)), fingerprint.value(i)));
+            }
+        }
+        Ok(Some(pairs))
     }
 
     fn count(&self, sql: &str) -> Result<u64, DiffError> {

@@ -25,7 +25,7 @@ fn stage(store: &StateStore, rows: &[(u32, &str)]) {
     let mut stager = store.stager().unwrap();
     for (id, v) in rows {
         let payload = format!(r#"{{"v":"{v}"}}"#);
-        stager.push(&key(*id), backflow_core::fingerprint_text(&payload), &payload, None).unwrap();
+        stager.push(&key(*id), backflow_core::fingerprint_text(&payload), Some(&payload), None).unwrap();
     }
     stager.finish().unwrap();
 }
@@ -228,4 +228,26 @@ fn a_snapshot_from_before_the_ack_log_loses_its_primary_key_and_nothing_else() {
     let (_, sent) = run(&store, Mode::Mirror, false);
     assert_eq!(sent, [(1, Change::Changed, Op::Upsert, "A".into()), (2, Change::Added, Op::Upsert, "b".into())]);
     assert_eq!(snapshot(&store, &[1, 2]), snap(&[(1, "A"), (2, "b")]));
+}
+
+#[test]
+fn delivered_pairs_name_unchanged_rows_and_a_missing_payload_is_detected() {
+    use backflow_diff::{key_hash, pair_hash};
+    let s = state();
+    stage(&s.store, &[(1, "a"), (2, "b")]);
+    run(&s.store, Mode::Upsert, false);
+    let pairs = s.store.delivered_pairs(10).unwrap().expect("2 keys are under the limit");
+    let fingerprint = |v: &str| backflow_core::fingerprint_text(&format!(r#"{{"v":"{v}"}}"#));
+    assert!(pairs.contains(&pair_hash(key_hash(&key(1)), fingerprint("a"))));
+    assert!(!pairs.contains(&pair_hash(key_hash(&key(1)), fingerprint("changed"))));
+    assert_eq!(s.store.delivered_pairs(1).unwrap(), None, "over the limit, no set");
+
+    // An unchanged row staged without its payload is fine; a changed row
+    // without one (what a hash collision would cause) is reported.
+    let mut stager = s.store.stager().unwrap();
+    stager.push(&key(1), fingerprint("a"), None, None).unwrap();
+    stager.push(&key(2), fingerprint("changed"), None, None).unwrap();
+    stager.finish().unwrap();
+    s.store.diff(Mode::Upsert, false).unwrap();
+    assert_eq!(s.store.outbox_missing_payloads().unwrap(), 1);
 }

@@ -5,7 +5,7 @@ use crate::config::{InvalidKeyPolicy, Sync};
 use crate::stage::{EXAMPLES, Staging};
 use crate::{Engine, EngineError, Progress};
 use backflow_core::{Mode, Op, Record, message_id};
-use backflow_diff::{Ack, DiffCounts, OutboxRow, Rejection, RunRecord, StateStore, now};
+use backflow_diff::{Ack, DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
 use backflow_sink::send::redact_query;
 use backflow_sink::{Destination, MetaContext, Outcome, Sender};
 use backflow_source::Warehouse;
@@ -27,6 +27,10 @@ const ACK_INTERVAL: Duration = Duration::from_secs(1);
 const SAMPLES: usize = 3;
 /// Setting under which the mapping last run with is stored.
 const MAPPING_SETTING: &str = "mapping";
+/// Snapshots up to this many keys are loaded as a set of pair hashes
+/// (about 16 bytes a key, 800 MB at the limit) so that staging can leave
+/// out the payloads of unchanged rows; larger ones stage every payload.
+const PAIR_LIMIT: u64 = 50_000_000;
 
 /// Rows left out or refused because of their primary key.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -160,46 +164,65 @@ impl Engine {
         let source_err = |source| EngineError::Source { sync: name.to_string(), source };
         let warehouse = self.warehouse(sync)?;
         let query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
-        progress.phase(name, "reading", None);
         let route_columns = self.destination(sync)?.route_columns();
-        let (null_rows, null_examples) = {
+        let started = Instant::now();
+        let known = if full { None } else { store.delivered_pairs(PAIR_LIMIT)? };
+        tracing::debug!(sync = name, elapsed = ?started.elapsed(), pairs = ?known.as_ref().map(|k| k.len()), "snapshot pairs loaded");
+        // Staging leaves out the payloads of rows the snapshot already holds;
+        // should a pair hash have collided, a record to send lacks its
+        // payload, and the query is staged again with every payload.
+        let attempt = |known: Option<HashSet64>| -> Result<(DiffCounts, InvalidKeyReport), EngineError> {
+            progress.phase(name, "reading", None);
             let mut staging = Staging::new(
                 store.stager()?,
                 sync.mapping(&self.env),
                 sync.key_columns(),
-                route_columns,
+                route_columns.clone(),
                 sync.meta_key(),
+                known,
                 progress,
             );
             warehouse.stream(&query, &mut staging).map_err(source_err)?;
+            staging.finish().map_err(|e| source_err(backflow_source::SourceError::Consumer(e)))?;
             progress.done();
-            let Staging { stager, null_rows, null_examples, .. } = staging;
+            let Staging { stager, null_rows, null_examples, maybe_duplicates, .. } = staging;
             stager.finish()?;
-            (null_rows, null_examples)
-        };
-        let mut invalid = InvalidKeyReport { null_rows, null_examples, ..InvalidKeyReport::default() };
-        let dups = store.duplicate_keys(EXAMPLES)?;
-        invalid.duplicate_keys = dups.keys;
-        invalid.duplicate_rows = dups.rows;
-        invalid.duplicate_examples = dups.examples;
-        if invalid.any() {
-            match sync.spec.invalid_keys {
-                InvalidKeyPolicy::Fail => {
-                    return Err(EngineError::InvalidKeys {
-                        sync: name.to_string(),
-                        message: format!(
-                            "{}. Nothing was sent. Fix the query, or set `invalid_keys: skip` to leave such rows out (they are reported).",
-                            invalid.describe(&sync.key_columns())
-                        ),
-                    });
-                }
-                InvalidKeyPolicy::Skip => {
-                    store.drop_duplicate_rows()?;
-                    invalid.skipped = true;
+            tracing::debug!(sync = name, elapsed = ?started.elapsed(), "query staged");
+            let mut invalid = InvalidKeyReport { null_rows, null_examples, ..InvalidKeyReport::default() };
+            if maybe_duplicates {
+                let dups = store.duplicate_keys(EXAMPLES)?;
+                invalid.duplicate_keys = dups.keys;
+                invalid.duplicate_rows = dups.rows;
+                invalid.duplicate_examples = dups.examples;
+            }
+            if invalid.any() {
+                match sync.spec.invalid_keys {
+                    InvalidKeyPolicy::Fail => {
+                        return Err(EngineError::InvalidKeys {
+                            sync: name.to_string(),
+                            message: format!(
+                                "{}. Nothing was sent. Fix the query, or set `invalid_keys: skip` to leave such rows out (they are reported).",
+                                invalid.describe(&sync.key_columns())
+                            ),
+                        });
+                    }
+                    InvalidKeyPolicy::Skip => {
+                        if invalid.duplicate_keys > 0 {
+                            store.drop_duplicate_rows()?;
+                        }
+                        invalid.skipped = true;
+                    }
                 }
             }
+            let counts = store.diff(sync.spec.mode, full)?;
+            tracing::debug!(sync = name, elapsed = ?started.elapsed(), "diff computed");
+            Ok((counts, invalid))
+        };
+        let mut prepared = attempt(known)?;
+        if store.outbox_missing_payloads()? > 0 {
+            prepared = attempt(None)?;
         }
-        let counts = store.diff(sync.spec.mode, full)?;
+        let (counts, invalid) = prepared;
         let mapping_text = json!({
             "fields": sync.spec.mapping,
             "static": sync.spec.statics,
