@@ -1,7 +1,9 @@
-//! The Postgres warehouse: one sqlx connection per query, rows streamed as
-//! the server sends them (never the whole result in memory), each value
-//! turned into JSON from Postgres' binary format by the same rules as DuckDB
-//! values (see [`crate::json`]).
+//! The Postgres warehouse: one sqlx connection per query. The query is
+//! prepared (for its column names and types, checked before any row), then
+//! its rows are read as `COPY (query) TO STDOUT (FORMAT binary)` output — as
+//! psql's `\copy` reads them, one message per row — and streamed (never the
+//! whole result in memory), each value turned into JSON from Postgres'
+//! binary format by the same rules as DuckDB values (see [`crate::json`]).
 //!
 //! The connection runs on its own thread with its own small runtime and hands
 //! rows over in bounded batches, so decoding overlaps with whatever the
