@@ -546,10 +546,27 @@ impl StateStore {
             return Ok(());
         }
         let at = now();
-        let mut appender = self.conn.appender("acks")?;
+        let mut row_num = Int64Builder::with_capacity(acks.len());
+        let mut message_id = StringBuilder::with_capacity(acks.len(), acks.len() * 36);
+        let mut run = StringBuilder::with_capacity(acks.len(), acks.len() * run_id.len());
+        let mut delivered_at = StringBuilder::with_capacity(acks.len(), acks.len() * at.len());
         for a in acks {
-            appender.append_row(params![a.row_num as i64, a.message_id, run_id, at])?;
+            row_num.append_value(a.row_num as i64);
+            message_id.append_value(&a.message_id);
+            run.append_value(run_id);
+            delivered_at.append_value(&at);
         }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(row_num.finish()),
+            Arc::new(message_id.finish()),
+            Arc::new(run.finish()),
+            Arc::new(delivered_at.finish()),
+        ];
+        let batch =
+            RecordBatch::try_from_iter(["row_num", "message_id", "run_id", "delivered_at"].into_iter().zip(columns))
+                .expect("the ack columns are of equal length");
+        let mut appender = self.conn.appender("acks")?;
+        appender.append_record_batch(batch)?;
         appender.flush()?;
         Ok(())
     }
