@@ -2,7 +2,7 @@
 //! run) deliver the outbox, committing each acknowledged record.
 
 use crate::config::{InvalidKeyPolicy, Sync};
-use crate::stage::{EXAMPLES, Staging};
+use crate::stage::{EXAMPLES, HASH_SET_LIMIT, Staging};
 use crate::{Engine, EngineError, Progress};
 use backflow_core::{Mode, Op, Record, message_id};
 use backflow_diff::{Ack, DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
@@ -27,10 +27,6 @@ const ACK_INTERVAL: Duration = Duration::from_secs(1);
 const SAMPLES: usize = 3;
 /// Setting under which the mapping last run with is stored.
 const MAPPING_SETTING: &str = "mapping";
-/// Snapshots up to this many keys are loaded as a set of pair hashes
-/// (about 16 bytes a key, 800 MB at the limit) so that staging can leave
-/// out the payloads of unchanged rows; larger ones stage every payload.
-const PAIR_LIMIT: u64 = 50_000_000;
 
 /// Rows left out or refused because of their primary key.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -166,7 +162,7 @@ impl Engine {
         let query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
         let route_columns = self.destination(sync)?.route_columns();
         let started = Instant::now();
-        let known = if full { None } else { store.delivered_pairs(PAIR_LIMIT)? };
+        let known = if full { None } else { store.delivered_pairs(HASH_SET_LIMIT as u64)? };
         tracing::debug!(sync = name, elapsed = ?started.elapsed(), pairs = ?known.as_ref().map(|k| k.len()), "snapshot pairs loaded");
         // Staging leaves out the payloads of rows the snapshot already holds;
         // should a pair hash have collided, a record to send lacks its

@@ -17,6 +17,12 @@ use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 /// How many example keys or rows an invalid-key report names.
 pub const EXAMPLES: usize = 5;
 
+/// The most entries each of staging's two hash sets takes (about 16 bytes
+/// an entry, 320 MB each at the limit): snapshots with more keys are not
+/// loaded as pairs (every payload is staged), and past this many rows
+/// duplicate keys are checked in SQL instead.
+pub const HASH_SET_LIMIT: usize = 20_000_000;
+
 /// Batches queued for the conversion thread.
 const CONVERT_AHEAD: usize = 4;
 
@@ -112,7 +118,7 @@ impl<'a> Staging<'a> {
                 continue;
             }
             let (fingerprint, hash) = (converted.fingerprint[row], converted.key_hash[row]);
-            if !self.seen.insert(hash) {
+            if self.seen.len() >= HASH_SET_LIMIT || !self.seen.insert(hash) {
                 self.maybe_duplicates = true;
             }
             let unchanged = self.known.as_ref().is_some_and(|known| known.contains(&pair_hash(hash, fingerprint)));
