@@ -154,21 +154,12 @@ impl CompiledMapping {
         self.fields.iter().any(|f| f.name == name)
     }
 
-    /// Writes the payload of one row (values in query column order) as
-    /// compact JSON: fields in mapping order, then statics; nested objects
-    /// where a dotted name first opened them.
-    pub fn write_payload(&self, row: &[Value], out: &mut Vec<u8>) {
-        let written: Result<(), std::convert::Infallible> = self.write_payload_with(out, &mut |index, out| {
-            serde_json::to_writer(out, &row[index]).expect("JSON values serialize");
-            Ok(())
-        });
-        written.unwrap_or_else(|never| match never {});
-    }
-
-    /// Like [`CompiledMapping::write_payload`], with `cell(column, out)`
-    /// writing the JSON text of the row's value in a column (for rows that
-    /// are not held as values, e.g. a row of a columnar batch).
-    pub fn write_payload_with<E>(
+    /// Writes the payload of one row as compact JSON: fields in mapping
+    /// order, then statics; nested objects where a dotted name first opened
+    /// them. `cell(column, out)` writes the JSON text of the row's value in
+    /// a column (given by its position in the query's columns), so rows
+    /// need not be held as values.
+    pub fn write_payload<E>(
         &self,
         out: &mut Vec<u8>,
         cell: &mut impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
@@ -176,10 +167,12 @@ impl CompiledMapping {
         write_object(&self.fields, out, cell)
     }
 
-    /// The payload of one row as compact JSON text.
+    /// The payload of one row of values (in query column order) as compact
+    /// JSON text.
     pub fn payload(&self, row: &[Value]) -> String {
         let mut out = Vec::with_capacity(256);
-        self.write_payload(row, &mut out);
+        self.write_payload(&mut out, &mut |index, out: &mut Vec<u8>| serde_json::to_writer(out, &row[index]))
+            .expect("JSON values serialize");
         String::from_utf8(out).expect("JSON is UTF-8")
     }
 }

@@ -382,7 +382,6 @@ impl StateStore {
         // cost of a diff does not grow with the width of the rows.
         let changes = if full {
             "SELECT key, 'added' AS change, ord, rowid AS staged_row, NULL::BIGINT AS snapshot_row FROM staged"
-                .to_string()
         } else {
             "SELECT coalesce(c.key, s.key) AS key,
                     CASE WHEN s.key IS NULL THEN 'added'
@@ -391,7 +390,6 @@ impl StateStore {
                     c.ord, c.rowid AS staged_row, s.rowid AS snapshot_row
              FROM (SELECT rowid, key, fingerprint, ord FROM staged) c
              FULL OUTER JOIN (SELECT rowid, key, fingerprint FROM snapshot) s ON s.key = c.key"
-                .to_string()
         };
         let mut op_case = String::from("CASE");
         for change in Change::ALL {

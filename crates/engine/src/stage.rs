@@ -173,7 +173,7 @@ impl Converter {
         write_object(&self.key_names, &self.key_index, &mut out.text, cell)?;
         let key_end = out.text.len();
         if !null_key {
-            self.compiled.write_payload_with(&mut out.text, cell)?;
+            self.compiled.write_payload(&mut out.text, cell)?;
         }
         let payload_end = out.text.len();
         if !null_key && out.routed {

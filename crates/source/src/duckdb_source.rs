@@ -1,12 +1,10 @@
 //! The embedded DuckDB warehouse: opened without network access (extensions
 //! are never downloaded), queried with a streaming result.
 
-use crate::{RowConsumer, SourceError, check_distinct, json};
-use duckdb::arrow::record_batch::RecordBatch;
+use crate::{Message, Outbox, RowConsumer, SourceError, check_distinct, json};
 use duckdb::{AccessMode, Config, Connection};
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::mpsc::sync_channel;
 
 /// Result batches the query may run ahead of its consumer.
 const AHEAD: usize = 8;
@@ -16,11 +14,6 @@ pub struct DuckDbSource {
     /// Locked by the thread that runs a query (the connection is `Send`,
     /// not `Sync`).
     conn: Mutex<Connection>,
-}
-
-enum Message {
-    Columns(Vec<String>),
-    Batch(RecordBatch),
 }
 
 impl DuckDbSource {
@@ -57,40 +50,17 @@ impl DuckDbSource {
     /// query runs on its own thread, a few batches ahead of the consumer,
     /// so DuckDB's work overlaps the consumer's.
     pub fn stream(&self, query: &str, consumer: &mut dyn RowConsumer) -> Result<u64, SourceError> {
-        let (tx, rx) = sync_channel::<Result<Message, SourceError>>(AHEAD);
         let conn = &self.conn;
-        // Both ends move in: the receiver is dropped when this closure
-        // returns (also early, when the consumer fails), which stops the
-        // producer before the scope waits for it.
-        std::thread::scope(move |scope| {
-            scope.spawn(move || {
-                let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                if let Err(e) = produce(&conn, query, &tx) {
-                    let _ = tx.send(Err(e));
-                }
-            });
-            let mut count = 0u64;
-            for message in rx {
-                match message? {
-                    Message::Columns(names) => consumer.columns(&names).map_err(SourceError::Consumer)?,
-                    Message::Batch(batch) => {
-                        consumer.batch(&batch).map_err(SourceError::Consumer)?;
-                        count += batch.num_rows() as u64;
-                    }
-                }
-            }
-            Ok(count)
+        crate::stream_from_thread(AHEAD, consumer, move |tx| {
+            let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            produce(&conn, query, tx)
         })
     }
 }
 
 /// Runs `query` and sends its column names, then its batches. Returns
 /// early (quietly) when the consumer has gone.
-fn produce(
-    conn: &Connection,
-    query: &str,
-    tx: &std::sync::mpsc::SyncSender<Result<Message, SourceError>>,
-) -> Result<(), SourceError> {
+fn produce(conn: &Connection, query: &str, tx: &Outbox) -> Result<(), SourceError> {
     let query_err = |e: duckdb::Error| SourceError::Query(e.to_string());
     let mut stmt = conn.prepare(query).map_err(query_err)?;
     let batches = stmt.stream_arrow([]).map_err(query_err)?;

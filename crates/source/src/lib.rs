@@ -9,6 +9,7 @@ mod postgres;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
 
 pub use duckdb::arrow::record_batch::RecordBatch;
 pub use duckdb_source::DuckDbSource;
@@ -151,7 +152,7 @@ pub trait RowConsumer {
     fn row(&mut self, values: Vec<Value>) -> Result<(), String>;
     /// Called with each Arrow batch by a source that produces them (DuckDB),
     /// instead of [`RowConsumer::row`]; the default hands its rows to `row`.
-    /// Consumers that can read columns directly ([`json::write_cell`])
+    /// Consumers that can read columns directly ([`json::ColumnWriter`])
     /// override it.
     fn batch(&mut self, batch: &RecordBatch) -> Result<(), String> {
         for i in 0..batch.num_rows() {
@@ -209,6 +210,55 @@ impl Warehouse {
             Warehouse::Postgres(source) => source.stream(query, consumer),
         }
     }
+}
+
+/// What a source's producer thread hands the consumer.
+enum Message {
+    Columns(Vec<String>),
+    Rows(Vec<Vec<Value>>),
+    Batch(RecordBatch),
+}
+
+/// The sending end a producer thread writes to.
+type Outbox = SyncSender<Result<Message, SourceError>>;
+
+/// Runs `produce` on its own thread, at most `ahead` messages ahead of
+/// `consumer`, and hands the consumer what it sends; returns the row count.
+/// A producer's error is passed on; a producer whose consumer has gone
+/// (its sends fail) should return quietly.
+fn stream_from_thread(
+    ahead: usize,
+    consumer: &mut dyn RowConsumer,
+    produce: impl FnOnce(&Outbox) -> Result<(), SourceError> + Send,
+) -> Result<u64, SourceError> {
+    let (tx, rx) = sync_channel(ahead);
+    // Both ends move in: the receiver is dropped when this closure returns
+    // (also early, when the consumer fails), which stops the producer before
+    // the scope waits for it.
+    std::thread::scope(move |scope| {
+        scope.spawn(move || {
+            if let Err(e) = produce(&tx) {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let mut count = 0u64;
+        for message in rx {
+            match message? {
+                Message::Columns(names) => consumer.columns(&names).map_err(SourceError::Consumer)?,
+                Message::Rows(rows) => {
+                    for row in rows {
+                        consumer.row(row).map_err(SourceError::Consumer)?;
+                        count += 1;
+                    }
+                }
+                Message::Batch(batch) => {
+                    consumer.batch(&batch).map_err(SourceError::Consumer)?;
+                    count += batch.num_rows() as u64;
+                }
+            }
+        }
+        Ok(count)
+    })
 }
 
 fn resolve(dir: &Path, path: &str) -> PathBuf {

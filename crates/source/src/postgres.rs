@@ -10,14 +10,13 @@
 //! consumer does with them, and callers stay synchronous.
 
 use crate::json::{base64, date, exact_number, float, infinity, interval, shortest, time, time_text, timestamp};
-use crate::{RowConsumer, SourceError, check_distinct};
+use crate::{Message, Outbox, RowConsumer, SourceError, check_distinct};
 use duckdb::arrow::datatypes::TimeUnit;
 use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode, PgTypeInfo, PgTypeKind};
 use sqlx::{Column, Connection, Executor, SqlSafeStr, Statement, TypeInfo};
 use std::str::FromStr;
-use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Duration;
 
 /// Rows handed to the consumer at a time.
@@ -61,12 +60,6 @@ enum Kind {
     TimestampTz,
     Interval,
     Array(Box<Kind>),
-}
-
-/// What the connection thread hands over.
-enum Message {
-    Columns(Vec<String>),
-    Rows(Vec<Vec<Value>>),
 }
 
 impl PostgresSource {
@@ -114,40 +107,17 @@ impl PostgresSource {
 
     /// Streams `query`'s rows to `consumer` in order.
     pub fn stream(&self, query: &str, consumer: &mut dyn RowConsumer) -> Result<u64, SourceError> {
-        let (tx, rx) = sync_channel::<Result<Message, SourceError>>(AHEAD);
-        // Both ends move in: the receiver is dropped when this closure
-        // returns (also early, when the consumer fails), which stops the
-        // producer before the scope waits for it.
-        std::thread::scope(move |scope| {
-            scope.spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-                let result = match runtime {
-                    Ok(runtime) => runtime.block_on(self.produce(query, &tx)),
-                    Err(e) => Err(SourceError::Query(format!("cannot start the Postgres client: {e}"))),
-                };
-                if let Err(e) = result {
-                    let _ = tx.send(Err(e));
-                }
-            });
-            let mut count = 0u64;
-            for message in rx {
-                match message? {
-                    Message::Columns(names) => consumer.columns(&names).map_err(SourceError::Consumer)?,
-                    Message::Rows(rows) => {
-                        for row in rows {
-                            consumer.row(row).map_err(SourceError::Consumer)?;
-                            count += 1;
-                        }
-                    }
-                }
+        crate::stream_from_thread(AHEAD, consumer, move |tx| {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(self.produce(query, tx)),
+                Err(e) => Err(SourceError::Query(format!("cannot start the Postgres client: {e}"))),
             }
-            Ok(count)
         })
     }
 
     /// Connects, prepares `query` and sends its columns, then its rows in
     /// batches. Returns early (quietly) when the consumer has gone.
-    async fn produce(&self, query: &str, tx: &SyncSender<Result<Message, SourceError>>) -> Result<(), SourceError> {
+    async fn produce(&self, query: &str, tx: &Outbox) -> Result<(), SourceError> {
         let mut conn = PgConnection::connect_with(&self.options)
             .await
             .map_err(|e| SourceError::Connect { target: self.shown.clone(), message: explain(&e) })?;
