@@ -55,6 +55,9 @@ impl Output {
         if c.forgotten > 0 {
             println!("  would forget {} removed key(s) (mode {} sends nothing for them)", c.forgotten, plan.mode);
         }
+        if plan.in_warehouse {
+            println!("  diffed inside the warehouse's DuckDB (only rows that may differ were read out)");
+        }
         if plan.mapping_changed {
             println!("  the mapping changed since the last delivery: rows whose payload it changes are re-sent");
         }

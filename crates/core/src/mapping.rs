@@ -149,6 +149,23 @@ impl Mapping {
 }
 
 impl CompiledMapping {
+    /// The positions of the query's columns the payload reads, in payload
+    /// order.
+    pub fn columns(&self) -> Vec<usize> {
+        fn collect(fields: &[Field], out: &mut Vec<usize>) {
+            for field in fields {
+                match &field.slot {
+                    Slot::Column(index) => out.push(*index),
+                    Slot::Static(_) => {}
+                    Slot::Object(children) => collect(children, out),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        collect(&self.fields, &mut out);
+        out
+    }
+
     /// Whether the payload has a top-level field called `name`.
     pub fn has_field(&self, name: &str) -> bool {
         self.fields.iter().any(|f| f.name == name)
@@ -198,6 +215,8 @@ mod tests {
         let cols = ["zip", "mail", "city"].map(String::from);
         let p = m.compile(&cols).unwrap().payload(&[json!("8000"), json!("a@b.c"), json!("Zurich")]);
         assert_eq!(p, r#"{"email":"a@b.c","address":{"city":"Zurich","zip":"8000"},"automation_id":"welcome-42"}"#);
+        assert_eq!(m.compile(&cols).unwrap().columns(), [1, 2, 0], "the columns read, in payload order");
+        assert_eq!(Mapping::default().compile(&cols).unwrap().columns(), [0, 1, 2]);
     }
 
     #[test]

@@ -18,11 +18,13 @@
 #![deny(missing_docs)]
 
 mod store;
+mod warehouse;
 
 pub use store::{
     Ack, Delivered, DiffCounts, HashSet64, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore,
     key_hash, now, pair_hash,
 };
+pub use warehouse::{CandidateColumns, InWarehouse, OutboxWriter, Scan};
 
 /// Why state could not be read or written.
 #[derive(Debug, thiserror::Error)]

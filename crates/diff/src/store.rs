@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS snapshot (
     op VARCHAR NOT NULL,
     message_id VARCHAR NOT NULL,
     run_id VARCHAR NOT NULL,
-    delivered_at VARCHAR NOT NULL
+    delivered_at VARCHAR NOT NULL,
+    row_hash UBIGINT
 );
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY,
@@ -49,12 +50,19 @@ CREATE TABLE IF NOT EXISTS acks (
     run_id VARCHAR NOT NULL,
     delivered_at VARCHAR NOT NULL
 );
+ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
+ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
 ";
 
 /// The state of one sync, opened exclusively.
 pub struct StateStore {
-    conn: Connection,
+    pub(crate) conn: Connection,
     sync: String,
+    /// The state database's catalog name (to name its tables while a
+    /// warehouse is the default catalog).
+    pub(crate) catalog: String,
+    /// The rows `backflow_count` has counted.
+    pub(crate) counter: crate::warehouse::RowCounter,
 }
 
 /// How the current query result differs from the snapshot.
@@ -325,7 +333,9 @@ impl StateStore {
         })?;
         conn.execute_batch(SCHEMA)?;
         drop_snapshot_primary_key(&conn)?;
-        let store = StateStore { conn, sync: sync.to_string() };
+        let catalog = conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
+        let counter = crate::warehouse::register_counter(&conn)?;
+        let store = StateStore { conn, sync: sync.to_string(), catalog, counter };
         store.fold_acks()?;
         Ok(store)
     }
@@ -404,17 +414,17 @@ impl StateStore {
              WHERE change IS NOT NULL;
              CREATE OR REPLACE TABLE outbox AS
              SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
-                    key, change, op, fingerprint, payload, route
+                    key, change, op, fingerprint, payload, route, row_hash
              FROM (
-                 SELECT d.key, d.change, d.op, d.ord, c.fingerprint, c.payload, c.route
+                 SELECT d.key, d.change, d.op, d.ord, c.fingerprint, c.payload, c.route, NULL::UBIGINT AS row_hash
                  FROM diff d
                  JOIN (SELECT rowid AS staged_row, fingerprint, payload, route FROM staged
                        WHERE rowid IN (SELECT staged_row FROM diff WHERE op IS NOT NULL)) c USING (staged_row)
                  WHERE d.op IS NOT NULL
                  UNION ALL
-                 SELECT d.key, d.change, d.op, d.ord, s.fingerprint, s.payload, s.route
+                 SELECT d.key, d.change, d.op, d.ord, s.fingerprint, s.payload, s.route, s.row_hash
                  FROM diff d
-                 JOIN (SELECT rowid AS snapshot_row, fingerprint, payload, route FROM snapshot
+                 JOIN (SELECT rowid AS snapshot_row, fingerprint, payload, route, row_hash FROM snapshot
                        WHERE rowid IN (SELECT snapshot_row FROM diff WHERE op IS NOT NULL AND staged_row IS NULL)) s
                    USING (snapshot_row)
                  WHERE d.op IS NOT NULL AND d.staged_row IS NULL
@@ -474,7 +484,7 @@ impl StateStore {
         Ok(Some(pairs))
     }
 
-    fn count(&self, sql: &str) -> Result<u64, DiffError> {
+    pub(crate) fn count(&self, sql: &str) -> Result<u64, DiffError> {
         Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
     }
 
@@ -580,11 +590,11 @@ impl StateStore {
                 conn.execute_batch(
                     "CREATE OR REPLACE TEMP TABLE delivered AS
                      SELECT o.key, o.fingerprint, o.payload, o.route, o.op, a.message_id, a.run_id, a.delivered_at,
-                            o.change = 'removed' AS removed
+                            o.row_hash, o.change = 'removed' AS removed
                      FROM acks a JOIN outbox o USING (row_num);
                      DELETE FROM snapshot WHERE key IN (SELECT key FROM delivered);
-                     INSERT INTO snapshot
-                     SELECT key, fingerprint, payload, route, op, message_id, run_id, delivered_at
+                     INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash)
+                     SELECT key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash
                      FROM delivered WHERE NOT removed;
                      DELETE FROM acks;
                      DROP TABLE delivered;",
@@ -614,7 +624,10 @@ impl StateStore {
         })
     }
 
-    fn transaction(&self, f: impl FnOnce(&Connection) -> Result<(), duckdb::Error>) -> Result<(), DiffError> {
+    pub(crate) fn transaction(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(), duckdb::Error>,
+    ) -> Result<(), DiffError> {
         self.conn.execute_batch("BEGIN TRANSACTION")?;
         match f(&self.conn) {
             Ok(()) => Ok(self.conn.execute_batch("COMMIT")?),

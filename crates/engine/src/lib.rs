@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod in_warehouse;
 mod run;
 mod serve;
 mod stage;

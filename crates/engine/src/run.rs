@@ -3,12 +3,12 @@
 
 use crate::config::{InvalidKeyPolicy, Sync};
 use crate::stage::{EXAMPLES, HASH_SET_LIMIT, Staging};
-use crate::{Engine, EngineError, Progress};
+use crate::{Engine, EngineError, Progress, in_warehouse};
 use backflow_core::{Mode, Op, Record, message_id};
 use backflow_diff::{Ack, DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
 use backflow_sink::send::redact_query;
 use backflow_sink::{Destination, MetaContext, Outcome, Sender};
-use backflow_source::Warehouse;
+use backflow_source::{Warehouse, WarehouseConfig};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
@@ -83,6 +83,9 @@ pub struct Plan {
     pub full: bool,
     /// Changes found.
     pub counts: DiffCounts,
+    /// Whether the diff ran inside the warehouse's DuckDB (otherwise the
+    /// query was staged row by row).
+    pub in_warehouse: bool,
     /// Records per op.
     pub ops: BTreeMap<Op, u64>,
     /// Rows with invalid keys.
@@ -110,6 +113,8 @@ pub struct RunReport {
     pub status: String,
     /// Changes found.
     pub counts: DiffCounts,
+    /// Whether the diff ran inside the warehouse's DuckDB.
+    pub in_warehouse: bool,
     /// Rows with invalid keys (skipped under policy `skip`).
     pub invalid_keys: InvalidKeyReport,
     /// Whether the mapping changed since the last delivery.
@@ -151,17 +156,58 @@ struct Prepared<'a> {
     invalid: InvalidKeyReport,
     mapping_changed: bool,
     mapping_text: String,
+    /// Keys found unchanged whose row hash a run records.
+    refresh: Vec<(String, u64)>,
+    in_warehouse: bool,
 }
 
 impl Engine {
     fn prepare<'a>(&'a self, name: &str, full: bool, progress: &dyn Progress) -> Result<Prepared<'a>, EngineError> {
         let sync = self.project.sync(name)?;
         let store = self.store(name)?;
-        let source_err = |source| EngineError::Source { sync: name.to_string(), source };
-        let warehouse = self.warehouse(sync)?;
         let query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
         let route_columns = self.destination(sync)?.route_columns();
+        let mapping = sync.mapping(&self.env);
+        let mapping_text = json!({
+            "fields": sync.spec.mapping,
+            "static": sync.spec.statics,
+            "metadata": sync.spec.destination.metadata.then_some(&sync.spec.destination.metadata_key),
+        })
+        .to_string();
+        let mapping_changed =
+            store.snapshot_len()? > 0 && store.setting(MAPPING_SETTING)?.is_some_and(|old| old != mapping_text);
         let started = Instant::now();
+        // A warehouse that is a DuckDB file is diffed inside DuckDB, unless
+        // every row is to be re-rendered anyway (a full run, a new mapping).
+        let file =
+            if full || mapping_changed { None } else { self.warehouse_config(sync)?.duckdb_file(&self.project.dir) };
+        if let Some(file) = file {
+            progress.phase(name, "diffing", None);
+            let q = in_warehouse::Query { sync, text: &query, mapping: &mapping, route_columns: &route_columns };
+            let outcome = in_warehouse::diff(&store, &file, &q)?;
+            progress.done();
+            match outcome {
+                in_warehouse::Outcome::Diffed(counts, refresh) => {
+                    tracing::debug!(sync = name, elapsed = ?started.elapsed(), "diff computed in DuckDB");
+                    let invalid = InvalidKeyReport::default();
+                    return Ok(Prepared {
+                        sync,
+                        store,
+                        counts,
+                        invalid,
+                        mapping_changed,
+                        mapping_text,
+                        refresh,
+                        in_warehouse: true,
+                    });
+                }
+                in_warehouse::Outcome::Staged(reason) => {
+                    tracing::debug!(sync = name, reason, "the query is staged instead");
+                }
+            }
+        }
+        let warehouse = self.warehouse(sync)?;
+        let source_err = |source| EngineError::Source { sync: name.to_string(), source };
         let known = if full { None } else { store.delivered_pairs(HASH_SET_LIMIT as u64)? };
         tracing::debug!(sync = name, elapsed = ?started.elapsed(), pairs = ?known.as_ref().map(|k| k.len()), "snapshot pairs loaded");
         // Staging leaves out the payloads of rows the snapshot already holds;
@@ -171,7 +217,7 @@ impl Engine {
             progress.phase(name, "reading", None);
             let mut staging = Staging::new(
                 store.stager()?,
-                sync.mapping(&self.env),
+                mapping.clone(),
                 sync.key_columns(),
                 route_columns.clone(),
                 sync.meta_key(),
@@ -219,15 +265,16 @@ impl Engine {
             prepared = attempt(None)?;
         }
         let (counts, invalid) = prepared;
-        let mapping_text = json!({
-            "fields": sync.spec.mapping,
-            "static": sync.spec.statics,
-            "metadata": sync.spec.destination.metadata.then_some(&sync.spec.destination.metadata_key),
+        Ok(Prepared {
+            sync,
+            store,
+            counts,
+            invalid,
+            mapping_changed,
+            mapping_text,
+            refresh: Vec::new(),
+            in_warehouse: false,
         })
-        .to_string();
-        let mapping_changed =
-            store.snapshot_len()? > 0 && store.setting(MAPPING_SETTING)?.is_some_and(|old| old != mapping_text);
-        Ok(Prepared { sync, store, counts, invalid, mapping_changed, mapping_text })
     }
 
     /// What a run of `name` would send. Sends nothing, commits nothing.
@@ -251,6 +298,7 @@ impl Engine {
             mode: p.sync.spec.mode,
             full,
             counts: p.counts,
+            in_warehouse: p.in_warehouse,
             ops,
             invalid_keys: p.invalid,
             mapping_changed: p.mapping_changed,
@@ -258,13 +306,17 @@ impl Engine {
         })
     }
 
-    /// Opens the sync's warehouse, its `${VAR}` references resolved.
-    fn warehouse(&self, sync: &Sync) -> Result<Warehouse, EngineError> {
+    /// The sync's warehouse settings, their `${VAR}` references resolved.
+    fn warehouse_config(&self, sync: &Sync) -> Result<WarehouseConfig, EngineError> {
         let name = &sync.spec.warehouse;
-        let config = self.project.file.warehouses[name]
+        self.project.file.warehouses[name]
             .expanded(|text| self.env.expand(text))
-            .map_err(|e| config_error(&sync.name, format!("warehouse `{name}`: {e}")))?;
-        Warehouse::open(&config, &self.project.dir)
+            .map_err(|e| config_error(&sync.name, format!("warehouse `{name}`: {e}")))
+    }
+
+    /// Opens the sync's warehouse.
+    fn warehouse(&self, sync: &Sync) -> Result<Warehouse, EngineError> {
+        Warehouse::open(&self.warehouse_config(sync)?, &self.project.dir)
             .map_err(|source| EngineError::Source { sync: sync.name.clone(), source })
     }
 
@@ -302,6 +354,7 @@ impl Engine {
         };
         p.store.mark_interrupted()?;
         p.store.save_run(&record_run)?;
+        p.store.refresh_row_hashes(&p.refresh)?;
         if spec.mode.forgets_removed() {
             p.store.forget_removed()?;
         }
@@ -313,6 +366,7 @@ impl Engine {
             full,
             status: String::new(),
             counts: p.counts,
+            in_warehouse: p.in_warehouse,
             invalid_keys: p.invalid.clone(),
             mapping_changed: p.mapping_changed,
             delivered: BTreeMap::new(),

@@ -99,17 +99,11 @@ impl<'a> Staging<'a> {
     /// Stages converted rows: NULL keys are counted, the rest staged (with
     /// their payload unless the snapshot holds the same key and fingerprint).
     fn absorb(&mut self, converted: &Converted) -> Result<(), String> {
-        let mut start = 0;
-        for (row, ends) in converted.ends.iter().enumerate() {
+        for (row, (key, payload, route)) in converted.rows().enumerate() {
             self.rows += 1;
             if self.rows.is_multiple_of(10_000) {
                 self.progress.advance(10_000);
             }
-            let [key_end, payload_end, route_end] = *ends;
-            let key = text(&converted.text[start..key_end]);
-            let payload = text(&converted.text[key_end..payload_end]);
-            let route = converted.routed.then(|| text(&converted.text[payload_end..route_end]));
-            start = route_end;
             if converted.null_key[row] {
                 self.null_rows += 1;
                 if self.null_examples.len() < EXAMPLES {
@@ -131,17 +125,34 @@ impl<'a> Staging<'a> {
 /// Rows turned into text: per row its key, payload and URL values (JSON,
 /// back to back in `text`, ending at `ends`), fingerprint and key hash.
 #[derive(Default)]
-struct Converted {
+pub(crate) struct Converted {
     routed: bool,
     text: Vec<u8>,
     ends: Vec<[usize; 3]>,
-    null_key: Vec<bool>,
-    fingerprint: Vec<u64>,
+    pub null_key: Vec<bool>,
+    pub fingerprint: Vec<u64>,
     key_hash: Vec<u64>,
 }
 
 impl Converted {
-    fn clear(&mut self) {
+    /// Nothing converted yet; `routed` when the URL reads columns.
+    pub fn new(routed: bool) -> Converted {
+        Converted { routed, ..Converted::default() }
+    }
+
+    /// The key, payload and URL values of each row, in order.
+    pub fn rows(&self) -> impl Iterator<Item = (&str, &str, Option<&str>)> {
+        let mut start = 0;
+        self.ends.iter().map(move |&[key_end, payload_end, route_end]| {
+            let key = text(&self.text[start..key_end]);
+            let payload = text(&self.text[key_end..payload_end]);
+            let route = self.routed.then(|| text(&self.text[payload_end..route_end]));
+            start = route_end;
+            (key, payload, route)
+        })
+    }
+
+    pub fn clear(&mut self) {
         self.text.clear();
         self.ends.clear();
         self.null_key.clear();
@@ -152,16 +163,35 @@ impl Converted {
 
 /// How a row becomes its key text, payload and URL values.
 #[derive(Clone)]
-struct Converter {
-    compiled: CompiledMapping,
-    key_index: Vec<usize>,
+pub(crate) struct Converter {
+    pub compiled: CompiledMapping,
+    pub key_index: Vec<usize>,
     /// The key and URL column names as JSON strings.
-    key_names: Vec<String>,
-    route_index: Vec<usize>,
+    pub key_names: Vec<String>,
+    pub route_index: Vec<usize>,
     route_names: Vec<String>,
 }
 
 impl Converter {
+    /// Compiles the mapping, key and URL columns against the query's
+    /// column `names`.
+    pub fn new(
+        mapping: &Mapping,
+        names: &[String],
+        key_columns: &[String],
+        route_columns: &[String],
+        meta_key: Option<&str>,
+    ) -> Result<Converter, String> {
+        let json_names = |columns: &[String]| columns.iter().map(|c| Value::from(c.as_str()).to_string()).collect();
+        Ok(Converter {
+            compiled: compile(mapping, names, meta_key)?,
+            key_index: positions("primary_key", key_columns, names)?,
+            key_names: json_names(key_columns),
+            route_index: positions("destination URL", route_columns, names)?,
+            route_names: json_names(route_columns),
+        })
+    }
+
     /// Appends one row, whose values `cell(column, out)` writes as JSON.
     fn convert<E>(
         &self,
@@ -189,7 +219,7 @@ impl Converter {
         Ok(())
     }
 
-    fn convert_batch(&self, batch: &RecordBatch, out: &mut Converted) -> Result<(), String> {
+    pub fn convert_batch(&self, batch: &RecordBatch, out: &mut Converted) -> Result<(), String> {
         let writers: Vec<ColumnWriter> = batch.columns().iter().map(|c| ColumnWriter::new(c.as_ref())).collect();
         let keys: Vec<_> = self.key_index.iter().map(|&k| batch.column(k)).collect();
         for i in 0..batch.num_rows() {
@@ -215,7 +245,7 @@ impl ConversionThread {
         let (results, output) = channel();
         let handle = std::thread::spawn(move || {
             for batch in batches {
-                let mut converted = Converted { routed, ..Converted::default() };
+                let mut converted = Converted::new(routed);
                 let result = converter.convert_batch(&batch, &mut converted).map(|()| converted);
                 let failed = result.is_err();
                 if results.send(result).is_err() || failed {
@@ -258,14 +288,13 @@ pub fn compile(mapping: &Mapping, names: &[String], meta_key: Option<&str>) -> R
 
 impl RowConsumer for Staging<'_> {
     fn columns(&mut self, names: &[String]) -> Result<(), String> {
-        let json_names = |columns: &[String]| columns.iter().map(|c| Value::from(c.as_str()).to_string()).collect();
-        self.converter = Some(Converter {
-            compiled: compile(&self.mapping, names, self.meta_key.as_deref())?,
-            key_index: positions("primary_key", &self.key_columns, names)?,
-            key_names: json_names(&self.key_columns),
-            route_index: positions("destination URL", &self.route_columns, names)?,
-            route_names: json_names(&self.route_columns),
-        });
+        self.converter = Some(Converter::new(
+            &self.mapping,
+            names,
+            &self.key_columns,
+            &self.route_columns,
+            self.meta_key.as_deref(),
+        )?);
         self.local.routed = !self.route_columns.is_empty();
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Property: any sequence of table edits, runs and receiver failures
 //! converges. After a clean final run the receiver's view equals the query
 //! (mirror); every run sends exactly what differs from what was acknowledged;
-//! and a change sent again always carries the same message id.
+//! and a change sent again always carries the same message id — whether a
+//! run diffs inside DuckDB or stages the query, in any order.
 
 mod support;
 
@@ -21,9 +22,11 @@ enum Step {
     Delete {
         id: u8,
     },
-    /// A run during which the receiver refuses records with these ids.
+    /// A run during which the receiver refuses records with these ids;
+    /// `staged` runs stage the query instead of diffing inside DuckDB.
     Run {
         failing: BTreeSet<u8>,
+        staged: bool,
     },
 }
 
@@ -31,7 +34,8 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (0u8..12, 0u8..4).prop_map(|(id, score)| Step::Upsert { id, score }),
         1 => (0u8..12).prop_map(|id| Step::Delete { id }),
-        2 => proptest::collection::btree_set(0u8..12, 0..4).prop_map(|failing| Step::Run { failing }),
+        2 => (proptest::collection::btree_set(0u8..12, 0..4), any::<bool>())
+            .prop_map(|(failing, staged)| Step::Run { failing, staged }),
     ]
 }
 
@@ -54,7 +58,7 @@ fn check(steps: Vec<Step>) {
     let mut table: BTreeMap<u8, u8> = BTreeMap::new();
     let mut view: BTreeMap<u8, Value> = BTreeMap::new();
     let mut ids: HashMap<String, String> = HashMap::new();
-    let clean = Step::Run { failing: BTreeSet::new() };
+    let clean = Step::Run { failing: BTreeSet::new(), staged: false };
     for step in steps.into_iter().chain([clean]) {
         match step {
             Step::Upsert { id, score } => {
@@ -65,8 +69,9 @@ fn check(steps: Vec<Step>) {
                 table.remove(&id);
                 s.sql(&format!("delete from items where id = {id}"));
             }
-            Step::Run { failing: f } => {
+            Step::Run { failing: f, staged } => {
                 *failing.lock().unwrap() = f.clone();
+                s.stage_queries(staged);
                 // What must be sent: every key whose payload differs from
                 // the acknowledged view, and every key gone from the table.
                 let mut expected: BTreeSet<(u8, &str)> = BTreeSet::new();

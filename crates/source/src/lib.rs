@@ -75,6 +75,18 @@ fn default_postgres_url() -> String {
 }
 
 impl WarehouseConfig {
+    /// The database file of a DuckDB warehouse that is just a file (no
+    /// `init` SQL), resolved against `project_dir`: such a warehouse can be
+    /// attached, read-only, to another DuckDB database.
+    pub fn duckdb_file(&self, project_dir: &Path) -> Option<PathBuf> {
+        match self {
+            WarehouseConfig::Duckdb { path: Some(path), init: None } if path != ":memory:" => {
+                Some(resolve(project_dir, path))
+            }
+            _ => None,
+        }
+    }
+
     /// The same warehouse with `${VAR}` references in its connection
     /// settings resolved by `expand` (which names the variable on failure).
     pub fn expanded<E>(&self, expand: impl Fn(&str) -> Result<String, E>) -> Result<WarehouseConfig, E> {
@@ -266,8 +278,8 @@ fn resolve(dir: &Path, path: &str) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
 }
 
-/// Fails when a name appears twice.
-fn check_distinct(names: &[String]) -> Result<(), SourceError> {
+/// Fails when a column name appears twice.
+pub fn check_distinct(names: &[String]) -> Result<(), SourceError> {
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
             return Err(SourceError::DuplicateColumn(name.clone()));

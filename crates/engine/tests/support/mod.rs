@@ -20,13 +20,9 @@ impl Scenario {
     pub fn new(sync: &str) -> Scenario {
         let dir = tempfile::tempdir().unwrap();
         let receiver = Receiver::start();
-        std::fs::write(
-            dir.path().join("backflow.yaml"),
-            "warehouses:\n  wh:\n    type: duckdb\n    path: warehouse.duckdb\n",
-        )
-        .unwrap();
         std::fs::create_dir(dir.path().join("syncs")).unwrap();
         let s = Scenario { dir, receiver };
+        s.stage_queries(false);
         s.write_sync(sync);
         s.sql("create table items (id INTEGER, name VARCHAR, score INTEGER)");
         s
@@ -35,6 +31,17 @@ impl Scenario {
     /// A mirror sync of `items` with the given extra destination lines.
     pub fn mirror() -> Scenario {
         Scenario::new(&sync_yaml("mirror", ""))
+    }
+
+    /// Gives the warehouse `init` SQL (`staged`), which makes runs stage
+    /// the query row by row, or none, which lets them diff it inside DuckDB.
+    pub fn stage_queries(&self, staged: bool) {
+        let init = if staged { "    init: select 1\n" } else { "" };
+        std::fs::write(
+            self.dir.path().join("backflow.yaml"),
+            format!("warehouses:\n  wh:\n    type: duckdb\n    path: warehouse.duckdb\n{init}"),
+        )
+        .unwrap();
     }
 
     pub fn write_sync(&self, yaml: &str) {
