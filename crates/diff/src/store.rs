@@ -63,6 +63,8 @@ pub struct StateStore {
     pub(crate) catalog: String,
     /// The rows `backflow_count` has counted.
     pub(crate) counter: crate::warehouse::RowCounter,
+    /// Whether the outbox is a temporary table (a plan's).
+    outbox_in_memory: bool,
 }
 
 /// How the current query result differs from the snapshot.
@@ -335,9 +337,20 @@ impl StateStore {
         drop_snapshot_primary_key(&conn)?;
         let catalog = conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
         let counter = crate::warehouse::register_counter(&conn)?;
-        let store = StateStore { conn, sync: sync.to_string(), catalog, counter };
+        let store = StateStore { conn, sync: sync.to_string(), catalog, counter, outbox_in_memory: false };
         store.fold_acks()?;
         Ok(store)
+    }
+
+    /// Keeps the outbox of later diffs in a temporary table, for a plan:
+    /// nothing it computes is kept, and nothing is written to the state file.
+    pub fn keep_outbox_in_memory(&mut self) {
+        self.outbox_in_memory = true;
+    }
+
+    /// How the outbox table is created.
+    pub(crate) fn outbox_table(&self) -> &'static str {
+        if self.outbox_in_memory { "TEMP TABLE" } else { "TABLE" }
     }
 
     /// The sync this state belongs to.
@@ -412,7 +425,7 @@ impl StateStore {
             "CREATE OR REPLACE TEMP TABLE diff AS
              SELECT key, change, ord, staged_row, snapshot_row, {op_case} AS op FROM ({changes})
              WHERE change IS NOT NULL;
-             CREATE OR REPLACE TABLE outbox AS
+             CREATE OR REPLACE {outbox} outbox AS
              SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
                     key, change, op, fingerprint, payload, route, row_hash
              FROM (
@@ -428,7 +441,8 @@ impl StateStore {
                        WHERE rowid IN (SELECT snapshot_row FROM diff WHERE op IS NOT NULL AND staged_row IS NULL)) s
                    USING (snapshot_row)
                  WHERE d.op IS NOT NULL AND d.staged_row IS NULL
-             );"
+             );",
+            outbox = self.outbox_table(),
         ))?;
         let mut counts = DiffCounts {
             rows: self.count("SELECT count(*) FROM staged")?,

@@ -175,7 +175,8 @@ impl StateStore {
     }
 
     /// Runs the query inside DuckDB and keeps its candidates (see the module
-    /// docs) in the temporary table `candidates`.
+    /// docs) in the temporary table `candidates` (in query order if
+    /// `ordered`).
     pub fn find_candidates(&self, q: &InWarehouse) -> Result<Scan, DiffError> {
         self.fold_acks()?;
         let snapshot_len = self.count("SELECT count(*) FROM snapshot")?;
@@ -214,9 +215,11 @@ impl StateStore {
              FULL OUTER JOIN (SELECT rowid, hash(key) AS kh, key, row_hash, fingerprint FROM {snapshot}) s
                ON s.kh = c.__backflow_kh
              WHERE c.__backflow_present IS NULL OR s.key IS NULL
-                OR s.row_hash IS DISTINCT FROM c.__backflow_row_hash OR s.key <> c.__backflow_key",
+                OR s.row_hash IS DISTINCT FROM c.__backflow_row_hash OR s.key <> c.__backflow_key
+             {order}",
             query = subquery(q.query),
             ord = if q.ordered { "row_number() OVER ()" } else { "NULL::BIGINT" },
+            order = if q.ordered { "ORDER BY __backflow_ord" } else { "" },
         );
         self.counter.store(0, Ordering::Relaxed);
         self.in_warehouse(|| {
@@ -253,52 +256,56 @@ impl StateStore {
     }
 
     /// Hands the candidates in the query (added or possibly changed) to `f`
-    /// (in query order if `ordered`), a batch at a time: the query's columns
-    /// first, then the bookkeeping columns at `CandidateColumns`.
+    /// in the order of `candidates`, a batch at a time: the query's columns
+    /// first, then the bookkeeping columns at `CandidateColumns`. Read a page
+    /// at a time, so that `f` may write to the state in between.
     pub fn each_candidate<E: From<DiffError>>(
         &self,
-        ordered: bool,
         mut f: impl FnMut(&RecordBatch, &CandidateColumns) -> Result<(), E>,
     ) -> Result<(), E> {
-        let order = if ordered { "ORDER BY __backflow_ord" } else { "" };
+        let total = self.count("SELECT count(*) FROM candidates")?;
         let mut stmt = self
             .conn
-            .prepare(&format!(
-                "SELECT * EXCLUDE (__backflow_key, __backflow_kh, __backflow_snapshot_row, __backflow_collided, __backflow_ord,
-                                   __backflow_key_text, __backflow_change, __backflow_row_hash,
+            .prepare(
+                "SELECT * EXCLUDE (__backflow_key, __backflow_kh, __backflow_snapshot_row, __backflow_collided,
+                                   __backflow_ord, __backflow_key_text, __backflow_change, __backflow_row_hash,
                                    __backflow_old_fingerprint),
                         __backflow_key_text, __backflow_change, __backflow_row_hash, __backflow_old_fingerprint
-                 FROM candidates WHERE __backflow_change <> 'removed' {order}"
-            ))
+                 FROM candidates WHERE rowid >= ? AND rowid < ? AND __backflow_change <> 'removed'",
+            )
             .map_err(DiffError::from)?;
-        for batch in stmt.stream_arrow([]).map_err(DiffError::from)? {
-            let batch = batch.map_err(DiffError::from)?;
-            let n = batch.num_columns();
-            let columns = CandidateColumns { key: n - 4, change: n - 3, row_hash: n - 2, old_fingerprint: n - 1 };
-            f(&batch, &columns)?;
+        for start in (0..total).step_by(CANDIDATE_PAGE) {
+            let end = start + CANDIDATE_PAGE as u64;
+            let page: Vec<RecordBatch> =
+                stmt.query_arrow(params![start as i64, end as i64]).map_err(DiffError::from)?.collect();
+            for batch in &page {
+                let n = batch.num_columns();
+                let columns = CandidateColumns { key: n - 4, change: n - 3, row_hash: n - 2, old_fingerprint: n - 1 };
+                f(batch, &columns)?;
+            }
         }
         Ok(())
     }
 
-    /// A writer of a new outbox (replacing the current one), on a second
-    /// connection so that it can write while candidates are read.
-    pub fn outbox_writer(&self) -> Result<OutboxWriter, DiffError> {
-        let conn = self.conn.try_clone()?;
-        conn.execute_batch(&format!(
-            "USE {};
-             CREATE OR REPLACE TABLE outbox (row_num BIGINT, key VARCHAR, change VARCHAR, op VARCHAR,
+    /// A writer of a new outbox, replacing the current one.
+    pub fn outbox_writer(&self) -> Result<OutboxWriter<'_>, DiffError> {
+        self.conn.execute_batch(&format!(
+            "CREATE OR REPLACE {} outbox (row_num BIGINT, key VARCHAR, change VARCHAR, op VARCHAR,
                  fingerprint UBIGINT, payload VARCHAR, route VARCHAR, row_hash UBIGINT)",
-            ident(&self.catalog)
+            self.outbox_table()
         ))?;
-        Ok(OutboxWriter { conn, rows: 0, columns: OutboxColumns::default() })
+        Ok(OutboxWriter { store: self, rows: 0, columns: OutboxColumns::default() })
     }
 
     /// Completes the outbox after the rows in the query were written: the
     /// snapshot keys the query no longer returns are added (with the payload
     /// last delivered) when `removed_op` sends them, and kept in `diff` for
-    /// [`StateStore::forget_removed`] otherwise.
-    pub fn finish_candidates(&self, removed_op: Option<Op>) -> Result<u64, DiffError> {
+    /// [`StateStore::forget_removed`] otherwise. With `payloads` (a plan,
+    /// which shows only its first few records), only that many removed
+    /// records get their payload.
+    pub fn finish_candidates(&self, removed_op: Option<Op>, payloads: Option<u64>) -> Result<u64, DiffError> {
         let op = removed_op.map_or("NULL".to_string(), |op| literal(op.as_str()));
+        let limit = payloads.map_or(String::new(), |n| format!("ORDER BY key LIMIT {n}"));
         // Removed rows are fetched by the row ids the candidates pass saw,
         // checked against their keys: should a checkpoint have moved rows
         // since, they are found by key instead.
@@ -308,26 +315,26 @@ impl StateStore {
                     __backflow_snapshot_row AS snapshot_row
              FROM candidates WHERE __backflow_change = 'removed';
              DROP TABLE candidates;
+             CREATE OR REPLACE TEMP TABLE wanted AS SELECT key, snapshot_row FROM diff WHERE op IS NOT NULL {limit};
              CREATE OR REPLACE TEMP TABLE removed_rows AS
              SELECT key, fingerprint, payload, route, row_hash FROM snapshot
-             WHERE rowid IN (SELECT snapshot_row FROM diff WHERE op IS NOT NULL);
-             CREATE OR REPLACE TEMP TABLE removed AS SELECT d.op, r.* FROM removed_rows r JOIN diff d USING (key);
-             DROP TABLE removed_rows;"
+             WHERE rowid IN (SELECT snapshot_row FROM wanted);"
         ))?;
-        let expected = if removed_op.is_some() { self.count("SELECT count(*) FROM diff")? } else { 0 };
-        if self.count("SELECT count(*) FROM removed")? != expected {
+        let wanted = self.count("SELECT count(*) FROM wanted")?;
+        if self.count("SELECT count(*) FROM removed_rows JOIN wanted USING (key)")? != wanted {
             self.conn.execute_batch(
-                "CREATE OR REPLACE TEMP TABLE removed AS
-                 SELECT d.op, s.key, s.fingerprint, s.payload, s.route, s.row_hash
-                 FROM snapshot s JOIN diff d USING (key) WHERE d.op IS NOT NULL",
+                "CREATE OR REPLACE TEMP TABLE removed_rows AS
+                 SELECT key, fingerprint, payload, route, row_hash FROM snapshot JOIN wanted USING (key)",
             )?;
         }
         self.conn.execute_batch(
             "INSERT INTO outbox
-             SELECT (SELECT count(*) FROM outbox) + row_number() OVER (ORDER BY key), key, 'removed', op,
-                    fingerprint, payload, route, row_hash
-             FROM removed;
-             DROP TABLE removed;",
+             SELECT (SELECT count(*) FROM outbox) + row_number() OVER (ORDER BY d.key), d.key, 'removed', d.op,
+                    r.fingerprint, r.payload, r.route, r.row_hash
+             FROM diff d LEFT JOIN (SELECT r.* FROM removed_rows r JOIN wanted USING (key)) r USING (key)
+             WHERE d.op IS NOT NULL;
+             DROP TABLE removed_rows;
+             DROP TABLE wanted;",
         )?;
         self.count("SELECT count(*) FROM outbox")
     }
@@ -369,16 +376,19 @@ struct OutboxColumns {
 
 /// Appends records to send to a new outbox, numbered from 1, in columnar
 /// batches.
-pub struct OutboxWriter {
-    conn: Connection,
+pub struct OutboxWriter<'a> {
+    store: &'a StateStore,
     rows: u64,
     columns: OutboxColumns,
 }
 
+/// Candidate rows read at a time.
+const CANDIDATE_PAGE: usize = 32_768;
+
 /// Records per batch appended to the outbox (each append commits).
 const OUTBOX_BATCH: usize = 32_768;
 
-impl OutboxWriter {
+impl OutboxWriter<'_> {
     /// Appends one record to send.
     #[allow(clippy::too_many_arguments)]
     pub fn push(
@@ -425,7 +435,7 @@ impl OutboxWriter {
         let names = ["row_num", "key", "change", "op", "fingerprint", "payload", "route", "row_hash"];
         let batch =
             RecordBatch::try_from_iter(names.into_iter().zip(columns)).expect("the outbox columns are of equal length");
-        let mut appender = self.conn.appender("outbox")?;
+        let mut appender = self.store.conn.appender("outbox")?;
         appender.append_record_batch(batch)?;
         appender.flush()?;
         Ok(())

@@ -34,7 +34,7 @@ fn find(store: &StateStore, query: &str) -> Result<Scan, backflow_diff::DiffErro
 fn candidates(store: &StateStore) -> Vec<(i32, String, Option<u64>, u64)> {
     let mut out = Vec::new();
     store
-        .each_candidate::<backflow_diff::DiffError>(true, |batch, at| {
+        .each_candidate::<backflow_diff::DiffError>(|batch, at| {
             let id = batch.column(0).as_primitive::<Int32Type>();
             let change = batch.column(at.change).as_string::<i32>();
             let old = batch.column(at.old_fingerprint).as_primitive::<UInt64Type>();
@@ -59,7 +59,7 @@ fn deliver(store: &StateStore, removed: Option<Op>) -> u64 {
         outbox.push(&key, change, Op::Upsert, id as u64, &format!("{{\"id\":{id}}}"), None, hash).unwrap();
     }
     outbox.finish().unwrap();
-    let n = store.finish_candidates(removed).unwrap();
+    let n = store.finish_candidates(removed, None).unwrap();
     let acks: Vec<Ack> = (1..=n).map(|row_num| Ack { row_num, message_id: format!("m{row_num}") }).collect();
     store.ack("run", &acks).unwrap();
     store.fold_acks().unwrap();

@@ -5,6 +5,7 @@
 //! run back to staging the query row by row, which decides everything.
 
 use crate::config::Sync;
+use crate::run::SAMPLES;
 use crate::stage::{Converted, Converter};
 use backflow_core::{Change, Mapping, Mode};
 use backflow_diff::{CandidateColumns, DiffCounts, DiffError, InWarehouse, OutboxWriter, StateStore};
@@ -41,6 +42,8 @@ pub(crate) struct Query<'a> {
     pub text: &'a str,
     pub mapping: &'a Mapping,
     pub route_columns: &'a [String],
+    /// Whether this is a plan, which shows only its first `SAMPLES` records.
+    pub plan: bool,
 }
 
 /// Diffs `q` over the warehouse `file` inside the state `store`. The file
@@ -117,16 +120,18 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
         counts: DiffCounts { rows: scan.rows, removed: scan.removed, ..DiffCounts::default() },
         refresh: Vec::new(),
     };
-    match store.each_candidate(request.ordered, |batch, at| pass.batch(batch, at)) {
+    match store.each_candidate(|batch, at| pass.batch(batch, at)) {
         Ok(()) => {}
         Err(Stop::Failed(e)) => return Err(e),
         Err(Stop::Stage(reason)) => return Ok(Outcome::Staged(reason)),
     }
     let Pass { outbox, mut counts, refresh, .. } = pass;
-    outbox.finish()?;
+    let counts_sent = outbox.finish()?;
     tracing::debug!(elapsed = ?started.elapsed(), "candidates rendered");
     let removed_op = mode.op_for(Change::Removed);
-    counts.to_send = store.finish_candidates(removed_op)?;
+    // A plan shows its first few records; removed ones come last.
+    let payloads = q.plan.then(|| SAMPLES.saturating_sub(counts_sent));
+    counts.to_send = store.finish_candidates(removed_op, payloads)?;
     if removed_op.is_none() {
         counts.forgotten = counts.removed;
     }
@@ -137,18 +142,18 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
 
 /// The candidates pass: renders each candidate row and writes the records
 /// to send.
-struct Pass {
+struct Pass<'a> {
     converter: Converter,
     /// The query's columns, which come first in a candidate batch.
     columns: usize,
     mode: Mode,
-    outbox: OutboxWriter,
+    outbox: OutboxWriter<'a>,
     converted: Converted,
     counts: DiffCounts,
     refresh: Vec<(String, u64)>,
 }
 
-impl Pass {
+impl Pass<'_> {
     fn batch(&mut self, batch: &RecordBatch, at: &CandidateColumns) -> Result<(), Stop> {
         let query_columns = batch
             .project(&(0..self.columns).collect::<Vec<_>>())

@@ -24,7 +24,7 @@ const PAGE: usize = 10_000;
 const ACK_BATCH: usize = 50_000;
 const ACK_INTERVAL: Duration = Duration::from_secs(1);
 /// Payloads shown by `plan`.
-const SAMPLES: usize = 3;
+pub(crate) const SAMPLES: u64 = 3;
 /// Setting under which the mapping last run with is stored.
 const MAPPING_SETTING: &str = "mapping";
 
@@ -162,9 +162,19 @@ struct Prepared<'a> {
 }
 
 impl Engine {
-    fn prepare<'a>(&'a self, name: &str, full: bool, progress: &dyn Progress) -> Result<Prepared<'a>, EngineError> {
+    /// Stages and diffs `name`; `plan` keeps the outbox in memory.
+    fn prepare<'a>(
+        &'a self,
+        name: &str,
+        full: bool,
+        plan: bool,
+        progress: &dyn Progress,
+    ) -> Result<Prepared<'a>, EngineError> {
         let sync = self.project.sync(name)?;
-        let store = self.store(name)?;
+        let mut store = self.store(name)?;
+        if plan {
+            store.keep_outbox_in_memory();
+        }
         let query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
         let route_columns = self.destination(sync)?.route_columns();
         let mapping = sync.mapping(&self.env);
@@ -183,7 +193,7 @@ impl Engine {
             if full || mapping_changed { None } else { self.warehouse_config(sync)?.duckdb_file(&self.project.dir) };
         if let Some(file) = file {
             progress.phase(name, "diffing", None);
-            let q = in_warehouse::Query { sync, text: &query, mapping: &mapping, route_columns: &route_columns };
+            let q = in_warehouse::Query { sync, text: &query, mapping: &mapping, route_columns: &route_columns, plan };
             let outcome = in_warehouse::diff(&store, &file, &q)?;
             progress.done();
             match outcome {
@@ -279,13 +289,13 @@ impl Engine {
 
     /// What a run of `name` would send. Sends nothing, commits nothing.
     pub fn plan(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<Plan, EngineError> {
-        let p = self.prepare(name, full, progress)?;
+        let p = self.prepare(name, full, true, progress)?;
         let destination = self.destination(p.sync)?;
         let ctx = MetaContext { sync: name.to_string(), mode: p.sync.spec.mode, run_id: "(plan)".into() };
         let ops = p.store.outbox_ops()?.into_iter().collect();
         let samples = p
             .store
-            .outbox_page(0, SAMPLES)?
+            .outbox_page(0, SAMPLES as usize)?
             .into_iter()
             .map(|row| match destination.request(&[record(name, row)], &ctx) {
                 Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_query(&r.url))),
@@ -329,7 +339,7 @@ impl Engine {
     pub async fn run(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<RunReport, EngineError> {
         let started = Instant::now();
         let started_at = now();
-        let p = match self.prepare(name, full, progress) {
+        let p = match self.prepare(name, full, false, progress) {
             Ok(p) => p,
             Err(e) => {
                 self.record_failure(name, full, &started_at, &e);

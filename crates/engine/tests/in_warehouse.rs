@@ -169,3 +169,18 @@ fn duplicate_and_null_keys_are_left_to_staging_which_reports_them() {
     let err = s.engine().plan("s", false, &backflow_engine::NoProgress).unwrap_err().to_string();
     assert!(err.contains("NULL in the primary key"), "{err}");
 }
+
+#[test]
+fn a_plan_shows_removed_records_with_their_last_payload() {
+    let s = Scenario::new(SYNC);
+    s.sql(TABLE);
+    s.run();
+    s.sql("delete from wide where id in (1, 4)");
+    let plan = s.plan();
+    assert!(plan.in_warehouse);
+    assert_eq!((plan.counts.removed, plan.counts.to_send), (2, 2));
+    let names: Vec<&Value> = plan.samples.iter().map(|b| &b["name"]).collect();
+    assert_eq!(names, [&Value::from("plain"), &Value::Null], "the payloads last delivered, by key");
+    assert!(plan.samples.iter().all(|b| b["_meta"]["op"] == "delete"));
+    assert_eq!(s.run().delivered_total(), 2);
+}
