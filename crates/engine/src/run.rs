@@ -4,7 +4,7 @@
 use crate::config::{InvalidKeyPolicy, Sync};
 use crate::stage::{EXAMPLES, HASH_SET_LIMIT, Staging};
 use crate::{Engine, EngineError, Progress, in_warehouse};
-use backflow_core::{Mode, Op, Record, message_id};
+use backflow_core::{Mapping, Mode, Op, Record, message_id};
 use backflow_diff::{Ack, DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
 use backflow_sink::send::redact_query;
 use backflow_sink::{Destination, MetaContext, Outcome, Sender};
@@ -191,6 +191,7 @@ impl Engine {
         // every row is to be re-rendered anyway (a full run, a new mapping).
         let file =
             if full || mapping_changed { None } else { self.warehouse_config(sync)?.duckdb_file(&self.project.dir) };
+        let mut diffed = None;
         if let Some(file) = file {
             progress.phase(name, "diffing", None);
             let q = in_warehouse::Query { sync, text: &query, mapping: &mapping, route_columns: &route_columns, plan };
@@ -199,23 +200,37 @@ impl Engine {
             match outcome {
                 in_warehouse::Outcome::Diffed(counts, refresh) => {
                     tracing::debug!(sync = name, elapsed = ?started.elapsed(), "diff computed in DuckDB");
-                    let invalid = InvalidKeyReport::default();
-                    return Ok(Prepared {
-                        sync,
-                        store,
-                        counts,
-                        invalid,
-                        mapping_changed,
-                        mapping_text,
-                        refresh,
-                        in_warehouse: true,
-                    });
+                    diffed = Some((counts, refresh));
                 }
                 in_warehouse::Outcome::Staged(reason) => {
                     tracing::debug!(sync = name, reason, "the query is staged instead");
                 }
             }
         }
+        let (counts, invalid, refresh, in_warehouse) = match diffed {
+            Some((counts, refresh)) => (counts, InvalidKeyReport::default(), refresh, true),
+            None => {
+                let (counts, invalid) = self.stage(sync, &store, &query, &mapping, &route_columns, full, progress)?;
+                (counts, invalid, Vec::new(), false)
+            }
+        };
+        Ok(Prepared { sync, store, counts, invalid, mapping_changed, mapping_text, refresh, in_warehouse })
+    }
+
+    /// Stages the query row by row and diffs it against the snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &self,
+        sync: &Sync,
+        store: &StateStore,
+        query: &str,
+        mapping: &Mapping,
+        route_columns: &[String],
+        full: bool,
+        progress: &dyn Progress,
+    ) -> Result<(DiffCounts, InvalidKeyReport), EngineError> {
+        let name = sync.name.as_str();
+        let started = Instant::now();
         let warehouse = self.warehouse(sync)?;
         let source_err = |source| EngineError::Source { sync: name.to_string(), source };
         let known = if full { None } else { store.delivered_pairs(HASH_SET_LIMIT as u64)? };
@@ -229,12 +244,12 @@ impl Engine {
                 store.stager()?,
                 mapping.clone(),
                 sync.key_columns(),
-                route_columns.clone(),
+                route_columns.to_vec(),
                 sync.meta_key(),
                 known,
                 progress,
             );
-            warehouse.stream(&query, &mut staging).map_err(source_err)?;
+            warehouse.stream(query, &mut staging).map_err(source_err)?;
             staging.finish().map_err(|e| source_err(backflow_source::SourceError::Consumer(e)))?;
             progress.done();
             let Staging { stager, null_rows, null_examples, maybe_duplicates, .. } = staging;
@@ -270,21 +285,11 @@ impl Engine {
             tracing::debug!(sync = name, elapsed = ?started.elapsed(), "diff computed");
             Ok((counts, invalid))
         };
-        let mut prepared = attempt(known)?;
+        let prepared = attempt(known)?;
         if store.outbox_missing_payloads()? > 0 {
-            prepared = attempt(None)?;
+            return attempt(None);
         }
-        let (counts, invalid) = prepared;
-        Ok(Prepared {
-            sync,
-            store,
-            counts,
-            invalid,
-            mapping_changed,
-            mapping_text,
-            refresh: Vec::new(),
-            in_warehouse: false,
-        })
+        Ok(prepared)
     }
 
     /// What a run of `name` would send. Sends nothing, commits nothing.
