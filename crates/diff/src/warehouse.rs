@@ -17,10 +17,12 @@
 
 use crate::{DiffError, StateStore};
 use backflow_core::{Change, Op};
-use duckdb::arrow::array::{ArrayBuilder, ArrayRef, BooleanArray, Int64Builder, StringBuilder, UInt64Builder};
-use duckdb::arrow::datatypes::{DataType, SchemaRef};
+use duckdb::arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder, UInt64Builder};
+use duckdb::arrow::datatypes::SchemaRef;
 use duckdb::arrow::record_batch::RecordBatch;
-use duckdb::vscalar::{ArrowFunctionSignature, VArrowScalar};
+use duckdb::core::{DataChunkHandle, LogicalTypeHandle, LogicalTypeId};
+use duckdb::vscalar::{ScalarFunctionSignature, VScalar};
+use duckdb::vtab::arrow::WritableVector;
 use duckdb::{Connection, params};
 use std::path::Path;
 use std::sync::Arc;
@@ -33,22 +35,32 @@ const WAREHOUSE: &str = "backflow_warehouse";
 pub(crate) type RowCounter = Arc<AtomicU64>;
 
 /// `backflow_count(flag)`: counts the rows it is called for, and returns
-/// true. Volatile and given a value of each row, so that DuckDB calls it
-/// for every row: the
-/// candidates pass counts the query's rows on the way, without a pass of
-/// its own.
+/// NULL. Volatile and given a value of each row, so that DuckDB calls it
+/// for every row: the candidates pass counts the query's rows on the way,
+/// without a pass of its own.
 struct CountFunction;
 
-impl VArrowScalar for CountFunction {
+impl VScalar for CountFunction {
     type State = RowCounter;
 
-    fn invoke(counter: &RowCounter, input: RecordBatch) -> Result<ArrayRef, Box<dyn std::error::Error>> {
-        counter.fetch_add(input.num_rows() as u64, Ordering::Relaxed);
-        Ok(Arc::new(BooleanArray::from(vec![true; input.num_rows()])))
+    fn invoke(
+        counter: &RowCounter,
+        input: &mut DataChunkHandle,
+        output: &mut dyn WritableVector,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        counter.fetch_add(input.len() as u64, Ordering::Relaxed);
+        let mut out = output.flat_vector();
+        for row in 0..input.len() {
+            out.set_null(row);
+        }
+        Ok(())
     }
 
-    fn signatures() -> Vec<ArrowFunctionSignature> {
-        vec![ArrowFunctionSignature::exact(vec![DataType::Boolean], DataType::Boolean)]
+    fn signatures() -> Vec<ScalarFunctionSignature> {
+        vec![ScalarFunctionSignature::exact(
+            vec![LogicalTypeHandle::from(LogicalTypeId::Boolean)],
+            LogicalTypeHandle::from(LogicalTypeId::Boolean),
+        )]
     }
 
     fn volatile() -> bool {
@@ -207,7 +219,7 @@ impl StateStore {
                     coalesce(s.key <> c.__backflow_key, false) AS __backflow_collided
              FROM (
                  SELECT *, CASE WHEN __backflow_key IS NOT NULL THEN hash(__backflow_key) END AS __backflow_kh,
-                        backflow_count(__backflow_row_hash IS NOT NULL) AS __backflow_present
+                        true AS __backflow_present, backflow_count(__backflow_row_hash IS NOT NULL) AS __backflow_counted
                  FROM (
                      SELECT q.*, {key_text} AS __backflow_key, {row_hash} AS __backflow_row_hash,
                             {ord} AS __backflow_ord
@@ -267,7 +279,7 @@ impl StateStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT * EXCLUDE (__backflow_key, __backflow_kh, __backflow_snapshot_row, __backflow_collided,
+                "SELECT * EXCLUDE (__backflow_key, __backflow_kh, __backflow_snapshot_row, __backflow_collided, __backflow_counted,
                                    __backflow_ord, __backflow_key_text, __backflow_change, __backflow_row_hash,
                                    __backflow_old_fingerprint),
                         __backflow_key_text, __backflow_change, __backflow_row_hash, __backflow_old_fingerprint
