@@ -320,10 +320,6 @@ impl StateStore {
             .with("autoinstall_known_extensions", "false")
             .and_then(|c| c.max_memory(memory_limit))
             .and_then(|c| c.with("temp_directory", dir.join("tmp").display().to_string()))
-            // Payload text is written twice per delivered record (outbox,
-            // snapshot); FSST compression of it cost more CPU than the
-            // delivery itself, so state files trade size for speed.
-            .and_then(|c| c.with("disabled_compression_methods", "fsst,dict_fsst"))
             .map_err(|e| open_err(e.to_string()))?;
         let conn = Connection::open_with_flags(&path, config).map_err(|e| {
             let text = e.to_string();
@@ -333,6 +329,11 @@ impl StateStore {
                 open_err(text)
             }
         })?;
+        // Payload text is written twice per delivered record (outbox,
+        // snapshot); FSST compression of it cost more CPU than the delivery
+        // itself, so state files trade size for speed. (Set on the open
+        // connection: given at open, DuckDB kept compressing.)
+        conn.execute_batch("SET disabled_compression_methods = 'fsst,dict_fsst'")?;
         conn.execute_batch(SCHEMA)?;
         drop_snapshot_primary_key(&conn)?;
         let catalog = conn.query_row("SELECT current_database()", [], |r| r.get(0))?;

@@ -148,3 +148,22 @@ fn row_hashes_of_unchanged_rows_can_be_recorded() {
     f.store.refresh_row_hashes(&fresh).unwrap();
     assert_eq!(find(&f.store, "select * from t").unwrap().present, 0);
 }
+
+#[test]
+fn state_files_keep_payload_text_uncompressed() {
+    let f = fixture("create table t as select range::INTEGER as id, 'v' || range as v from range(200000)");
+    find(&f.store, "select * from t").unwrap();
+    deliver(&f.store, None);
+    let Fixture { dir, store } = f;
+    drop(store);
+    let conn = duckdb::Connection::open(dir.path().join("state/s.duckdb")).unwrap();
+    let methods: Vec<String> = conn
+        .prepare("SELECT DISTINCT compression FROM pragma_storage_info('snapshot') WHERE column_name = 'payload'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!methods.is_empty());
+    assert!(methods.iter().all(|m| !m.contains("FSST")), "{methods:?}");
+}
