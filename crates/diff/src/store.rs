@@ -254,18 +254,16 @@ impl Stager<'_> {
         if self.ords.is_empty() {
             return Ok(());
         }
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.key.finish()),
-            Arc::new(self.fingerprint.finish()),
-            Arc::new(self.payload.finish()),
-            Arc::new(self.route.finish()),
-            Arc::new(self.ords.finish()),
-        ];
-        let batch =
-            RecordBatch::try_from_iter(["key", "fingerprint", "payload", "route", "ord"].into_iter().zip(columns))
-                .expect("the staging columns are of equal length");
-        self.appender.append_record_batch(batch)?;
-        Ok(())
+        append_columns(
+            &mut self.appender,
+            vec![
+                ("key", Arc::new(self.key.finish())),
+                ("fingerprint", Arc::new(self.fingerprint.finish())),
+                ("payload", Arc::new(self.payload.finish())),
+                ("route", Arc::new(self.route.finish())),
+                ("ord", Arc::new(self.ords.finish())),
+            ],
+        )
     }
 
     /// Flushes what was staged.
@@ -274,6 +272,14 @@ impl Stager<'_> {
         self.appender.flush()?;
         Ok(self.ord as u64)
     }
+}
+
+/// Appends one batch of named, equal-length columns (the table's, in its
+/// order) through `appender`.
+pub(crate) fn append_columns(appender: &mut Appender<'_>, columns: Vec<(&str, ArrayRef)>) -> Result<(), DiffError> {
+    let batch = RecordBatch::try_from_iter(columns).expect("the columns of one batch are of equal length");
+    appender.append_record_batch(batch)?;
+    Ok(())
 }
 
 /// State files written before the ack log kept the snapshot under a primary
@@ -579,17 +585,16 @@ impl StateStore {
             run.append_value(run_id);
             delivered_at.append_value(&at);
         }
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(row_num.finish()),
-            Arc::new(message_id.finish()),
-            Arc::new(run.finish()),
-            Arc::new(delivered_at.finish()),
-        ];
-        let batch =
-            RecordBatch::try_from_iter(["row_num", "message_id", "run_id", "delivered_at"].into_iter().zip(columns))
-                .expect("the ack columns are of equal length");
         let mut appender = self.conn.appender("acks")?;
-        appender.append_record_batch(batch)?;
+        append_columns(
+            &mut appender,
+            vec![
+                ("row_num", Arc::new(row_num.finish())),
+                ("message_id", Arc::new(message_id.finish())),
+                ("run_id", Arc::new(run.finish())),
+                ("delivered_at", Arc::new(delivered_at.finish())),
+            ],
+        )?;
         appender.flush()?;
         Ok(())
     }

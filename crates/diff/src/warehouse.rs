@@ -15,9 +15,10 @@
 //! decide exactly — a key seen twice, a NULL key, two keys whose hashes
 //! meet — is reported, and the caller stages the query the ordinary way.
 
+use crate::store::append_columns;
 use crate::{DiffError, StateStore};
 use backflow_core::{Change, Op};
-use duckdb::arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder, UInt64Builder};
+use duckdb::arrow::array::{ArrayBuilder, Int64Builder, StringBuilder, UInt64Builder};
 use duckdb::arrow::datatypes::SchemaRef;
 use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::core::{DataChunkHandle, LogicalTypeHandle, LogicalTypeId};
@@ -132,10 +133,14 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The query as a subquery: newlines keep a trailing `-- comment` inside,
-/// and a trailing `;` is dropped.
+/// The query without a trailing `;`.
+fn statement(query: &str) -> &str {
+    query.trim_end().trim_end_matches(';')
+}
+
+/// The query as a subquery: newlines keep a trailing `-- comment` inside.
 fn subquery(query: &str) -> String {
-    format!("(\n{}\n)", query.trim_end().trim_end_matches(';'))
+    format!("(\n{}\n)", statement(query))
 }
 
 impl StateStore {
@@ -166,10 +171,8 @@ impl StateStore {
     /// show the tree of). Keeping the order of an unordered query would
     /// cost a single-threaded pass over every row.
     pub fn query_is_ordered(&self, query: &str) -> bool {
-        let tree: Option<String> = self
-            .conn
-            .query_row("SELECT json_serialize_sql(?)", [query.trim_end().trim_end_matches(';')], |r| r.get(0))
-            .ok();
+        let tree: Option<String> =
+            self.conn.query_row("SELECT json_serialize_sql(?)", [statement(query)], |r| r.get(0)).ok();
         let Some(tree) = tree.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else { return true };
         if tree["error"] == true {
             return true;
@@ -190,8 +193,7 @@ impl StateStore {
     /// docs) in the temporary table `candidates` (in query order if
     /// `ordered`).
     pub fn find_candidates(&self, q: &InWarehouse) -> Result<Scan, DiffError> {
-        self.fold_acks()?;
-        let snapshot_len = self.count("SELECT count(*) FROM snapshot")?;
+        let snapshot_len = self.snapshot_len()?;
         let mut key_text = String::from("'{'");
         for (n, (column, json_name)) in q.key_columns.iter().enumerate() {
             let separator = if n > 0 { "," } else { "" };
@@ -434,21 +436,20 @@ impl OutboxWriter<'_> {
         if c.row_num.is_empty() {
             return Ok(());
         }
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(c.row_num.finish()),
-            Arc::new(c.key.finish()),
-            Arc::new(c.change.finish()),
-            Arc::new(c.op.finish()),
-            Arc::new(c.fingerprint.finish()),
-            Arc::new(c.payload.finish()),
-            Arc::new(c.route.finish()),
-            Arc::new(c.row_hash.finish()),
-        ];
-        let names = ["row_num", "key", "change", "op", "fingerprint", "payload", "route", "row_hash"];
-        let batch =
-            RecordBatch::try_from_iter(names.into_iter().zip(columns)).expect("the outbox columns are of equal length");
         let mut appender = self.store.conn.appender("outbox")?;
-        appender.append_record_batch(batch)?;
+        append_columns(
+            &mut appender,
+            vec![
+                ("row_num", Arc::new(c.row_num.finish())),
+                ("key", Arc::new(c.key.finish())),
+                ("change", Arc::new(c.change.finish())),
+                ("op", Arc::new(c.op.finish())),
+                ("fingerprint", Arc::new(c.fingerprint.finish())),
+                ("payload", Arc::new(c.payload.finish())),
+                ("route", Arc::new(c.route.finish())),
+                ("row_hash", Arc::new(c.row_hash.finish())),
+            ],
+        )?;
         appender.flush()?;
         Ok(())
     }
