@@ -2,7 +2,7 @@
 
 mod common;
 
-use backflow_testkit::Reply;
+use backflow_testkit::{Receiver, Reply};
 use common::{Project, bin, finish, repo, sync};
 use std::collections::HashMap;
 use std::io::Read;
@@ -271,4 +271,29 @@ fn batches_larger_than_two_mebibytes_reach_the_test_receiver_and_listen() {
     listen.wait().unwrap();
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(out.stdout.contains("delivered 20000"), "{}", out.stdout);
+}
+
+#[test]
+fn https_receivers_are_reached_when_their_certificate_is_trusted_and_only_then() {
+    let (receiver, ca) = Receiver::start_tls();
+    let (_other, foreign_ca) = Receiver::start_tls();
+    let url = receiver.https_url();
+    let p = Project::with_receiver(&sync("upsert", "").replace("{URL}", &url), receiver);
+    std::fs::write(p.path().join("ca.pem"), ca).unwrap();
+    std::fs::write(p.path().join("foreign.pem"), foreign_ca).unwrap();
+    p.sql("insert into items values (1, 'a', 1)");
+
+    let untrusted = finish(p.cmd(&["run", "s"]).env("SSL_CERT_FILE", p.path().join("foreign.pem")).output().unwrap());
+    assert_eq!(untrusted.code, 1, "{}", untrusted.all());
+    assert!(untrusted.all().contains("TLS handshake failed"), "{}", untrusted.all());
+    assert!(untrusted.all().to_lowercase().contains("certificate"), "{}", untrusted.all());
+    assert!(p.receiver.requests().is_empty());
+
+    let trusted = finish(p.cmd(&["run", "s"]).env("SSL_CERT_FILE", p.path().join("ca.pem")).output().unwrap());
+    assert_eq!(trusted.code, 0, "{}", trusted.all());
+    let requests = p.receiver.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].target, "/hook");
+    assert_eq!(requests[0].header("host").map(|h| h.starts_with("localhost:")), Some(true));
+    assert_eq!(requests[0].json()["name"], "a");
 }

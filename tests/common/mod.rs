@@ -46,6 +46,11 @@ impl Project {
     /// `items(id, name, score)`) and the sync file `syncs/s.yaml`; `{URL}`
     /// stands for the receiver.
     pub fn new(sync: &str) -> Project {
+        Project::with_receiver(sync, Receiver::start())
+    }
+
+    /// Like [`Project::new`], with a given receiver.
+    pub fn with_receiver(sync: &str, receiver: Receiver) -> Project {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("backflow.yaml"),
@@ -53,7 +58,7 @@ impl Project {
         )
         .unwrap();
         std::fs::create_dir(dir.path().join("syncs")).unwrap();
-        let p = Project { dir, receiver: Receiver::start() };
+        let p = Project { dir, receiver };
         p.write("syncs/s.yaml", sync);
         p.sql("create table items (id INTEGER, name VARCHAR, score INTEGER)");
         p

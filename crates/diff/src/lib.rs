@@ -21,7 +21,7 @@ mod store;
 mod warehouse;
 
 pub use store::{
-    Ack, Delivered, DiffCounts, HashSet64, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore,
+    Delivered, DiffCounts, HashSet64, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore,
     key_hash, now, pair_hash,
 };
 pub use warehouse::{CandidateColumns, InWarehouse, OutboxWriter, Scan};

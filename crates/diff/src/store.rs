@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS snapshot (
     payload VARCHAR NOT NULL,
     route VARCHAR,
     op VARCHAR NOT NULL,
-    message_id VARCHAR NOT NULL,
+    message_id VARCHAR,
     run_id VARCHAR NOT NULL,
     delivered_at VARCHAR NOT NULL,
     row_hash UBIGINT
@@ -44,9 +44,9 @@ CREATE TABLE IF NOT EXISTS rejections (
     failed_at VARCHAR NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
-CREATE TABLE IF NOT EXISTS acks (
-    row_num BIGINT NOT NULL,
-    message_id VARCHAR NOT NULL,
+CREATE TABLE IF NOT EXISTS acked (
+    first_row BIGINT NOT NULL,
+    last_row BIGINT NOT NULL,
     run_id VARCHAR NOT NULL,
     delivered_at VARCHAR NOT NULL
 );
@@ -115,15 +115,6 @@ pub struct OutboxRow {
     pub payload: String,
     /// The URL's column values as JSON text, when the URL needs any.
     pub route: Option<String>,
-}
-
-/// A record the receiver acknowledged with a 2xx.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ack {
-    /// Its row number in the outbox (which holds its key, payload and op).
-    pub row_num: u64,
-    /// The message id it carried.
-    pub message_id: String,
 }
 
 /// A record the receiver refused, or that could not be delivered.
@@ -285,6 +276,27 @@ pub(crate) fn append_columns(appender: &mut Appender<'_>, columns: Vec<(&str, Ar
 /// State files written before the ack log kept the snapshot under a primary
 /// key, which DuckDB checks too eagerly for a delete and re-insert of the
 /// same key in one transaction; the table is rebuilt without it.
+/// Earlier versions logged one ack per record with its message id; they
+/// become ranges (message ids are derived since), and snapshots may leave
+/// message ids out.
+fn migrate_ack_log(conn: &Connection) -> Result<(), DiffError> {
+    conn.execute_batch("ALTER TABLE snapshot ALTER COLUMN message_id DROP NOT NULL")?;
+    let legacy: i64 = conn.query_row(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'acks' AND database_name = current_database()",
+        [],
+        |r| r.get(0),
+    )?;
+    if legacy > 0 {
+        conn.execute_batch(
+            "BEGIN TRANSACTION;
+             INSERT INTO acked SELECT row_num, row_num, run_id, delivered_at FROM acks;
+             DROP TABLE acks;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 fn drop_snapshot_primary_key(conn: &Connection) -> Result<(), DiffError> {
     let keyed: i64 = conn.query_row(
         "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'snapshot' AND constraint_type = 'PRIMARY KEY'",
@@ -342,6 +354,7 @@ impl StateStore {
         conn.execute_batch("SET disabled_compression_methods = 'fsst,dict_fsst'")?;
         conn.execute_batch(SCHEMA)?;
         drop_snapshot_primary_key(&conn)?;
+        migrate_ack_log(&conn)?;
         let catalog = conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
         let counter = crate::warehouse::register_counter(&conn)?;
         let store = StateStore { conn, sync: sync.to_string(), catalog, counter, outbox_in_memory: false };
@@ -566,57 +579,50 @@ impl StateStore {
     }
 
     /// Records acknowledged records durably: their outbox row numbers are
-    /// appended to the ack log, committed before this returns. The outbox
-    /// is a table of the state file, so the log and the outbox together say
-    /// what was delivered even if the process dies before the fold
-    /// ([`StateStore::fold_acks`]).
-    pub fn ack(&self, run_id: &str, acks: &[Ack]) -> Result<(), DiffError> {
-        if acks.is_empty() {
+    /// appended to the ack log as ranges, committed before this returns.
+    /// The outbox is a table of the state file, so the log and the outbox
+    /// together say what was delivered even if the process dies before the
+    /// fold ([`StateStore::fold_acks`]).
+    pub fn ack(&self, run_id: &str, row_nums: &[u64]) -> Result<(), DiffError> {
+        if row_nums.is_empty() {
             return Ok(());
         }
+        let mut sorted = row_nums.to_vec();
+        sorted.sort_unstable();
         let at = now();
-        let mut row_num = Int64Builder::with_capacity(acks.len());
-        let mut message_id = StringBuilder::with_capacity(acks.len(), acks.len() * 36);
-        let mut run = StringBuilder::with_capacity(acks.len(), acks.len() * run_id.len());
-        let mut delivered_at = StringBuilder::with_capacity(acks.len(), acks.len() * at.len());
-        for a in acks {
-            row_num.append_value(a.row_num as i64);
-            message_id.append_value(&a.message_id);
-            run.append_value(run_id);
-            delivered_at.append_value(&at);
+        let mut appender = self.conn.appender("acked")?;
+        let mut first = sorted[0];
+        for pair in sorted.windows(2) {
+            if pair[1] != pair[0] + 1 {
+                appender.append_row(params![first as i64, pair[0] as i64, run_id, at])?;
+                first = pair[1];
+            }
         }
-        let mut appender = self.conn.appender("acks")?;
-        append_columns(
-            &mut appender,
-            vec![
-                ("row_num", Arc::new(row_num.finish())),
-                ("message_id", Arc::new(message_id.finish())),
-                ("run_id", Arc::new(run.finish())),
-                ("delivered_at", Arc::new(delivered_at.finish())),
-            ],
-        )?;
+        appender.append_row(params![first as i64, sorted[sorted.len() - 1] as i64, run_id, at])?;
         appender.flush()?;
         Ok(())
     }
 
     /// Folds the ack log into the snapshot in one transaction: a delivered
     /// removal drops the key; anything else stores the delivered payload
-    /// and fingerprint. The log refers to the current outbox, which is only
-    /// replaced after a fold, and holds each row at most once.
+    /// and fingerprint (its message id is derived from those when asked
+    /// for). The log refers to the current outbox, which is only replaced
+    /// after a fold, and holds each row at most once.
     pub fn fold_acks(&self) -> Result<u64, DiffError> {
-        let pending = self.count("SELECT count(*) FROM acks")?;
+        let pending = self.count("SELECT count(*) FROM acked")?;
         if pending > 0 {
             self.transaction(|conn| {
                 conn.execute_batch(
                     "CREATE OR REPLACE TEMP TABLE delivered AS
-                     SELECT o.key, o.fingerprint, o.payload, o.route, o.op, a.message_id, a.run_id, a.delivered_at,
+                     SELECT o.key, o.fingerprint, o.payload, o.route, o.op, a.run_id, a.delivered_at,
                             o.row_hash, o.change = 'removed' AS removed
-                     FROM acks a JOIN outbox o USING (row_num);
+                     FROM (SELECT unnest(range(first_row, last_row + 1)) AS row_num, run_id, delivered_at FROM acked) a
+                     JOIN outbox o USING (row_num);
                      DELETE FROM snapshot WHERE key IN (SELECT key FROM delivered);
                      INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash)
-                     SELECT key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash
+                     SELECT key, fingerprint, payload, route, op, NULL, run_id, delivered_at, row_hash
                      FROM delivered WHERE NOT removed;
-                     DELETE FROM acks;
+                     DELETE FROM acked;
                      DROP TABLE delivered;",
                 )
             })?;
@@ -741,11 +747,19 @@ impl StateStore {
                 "SELECT payload, fingerprint, op, message_id, run_id, delivered_at FROM snapshot WHERE key = ?",
                 [key],
                 |r| {
+                    let fingerprint = r.get::<_, u64>(1)?;
+                    let op: String = r.get(2)?;
+                    // Stored by earlier versions; derived otherwise.
+                    let message_id = match (r.get::<_, Option<String>>(3)?, Op::parse(&op)) {
+                        (Some(id), _) => id,
+                        (None, Some(parsed)) => backflow_core::message_id(&self.sync, key, parsed, fingerprint),
+                        (None, None) => String::new(),
+                    };
                     Ok(Delivered {
                         payload: serde_json::from_str(&r.get::<_, String>(0)?).unwrap_or_default(),
-                        fingerprint: format!("{:016x}", r.get::<_, u64>(1)?),
-                        op: r.get(2)?,
-                        message_id: r.get(3)?,
+                        fingerprint: format!("{fingerprint:016x}"),
+                        op,
+                        message_id,
                         run_id: r.get(4)?,
                         delivered_at: r.get(5)?,
                     })
@@ -765,7 +779,7 @@ impl StateStore {
     /// Forgets every delivered key: the next run sends every row as added.
     pub fn reset(&self) -> Result<u64, DiffError> {
         let n = self.snapshot_len()?;
-        self.transaction(|conn| conn.execute_batch("DELETE FROM snapshot; DELETE FROM acks; DELETE FROM settings;"))?;
+        self.transaction(|conn| conn.execute_batch("DELETE FROM snapshot; DELETE FROM acked; DELETE FROM settings;"))?;
         Ok(n)
     }
 

@@ -2,7 +2,7 @@
 //! keeps, what it counts, and the outbox written from it.
 
 use backflow_core::{Change, Op};
-use backflow_diff::{Ack, InWarehouse, Scan, StateStore};
+use backflow_diff::{InWarehouse, Scan, StateStore};
 use duckdb::arrow::array::{Array, AsArray};
 use duckdb::arrow::datatypes::{Int32Type, UInt64Type};
 
@@ -60,7 +60,7 @@ fn deliver(store: &StateStore, removed: Option<Op>) -> u64 {
     }
     outbox.finish().unwrap();
     let n = store.finish_candidates(removed, None).unwrap();
-    let acks: Vec<Ack> = (1..=n).map(|row_num| Ack { row_num, message_id: format!("m{row_num}") }).collect();
+    let acks: Vec<u64> = (1..=n).collect();
     store.ack("run", &acks).unwrap();
     store.fold_acks().unwrap();
     n

@@ -2,7 +2,7 @@
 //! the snapshot holds afterwards.
 
 use backflow_core::{Change, Mode, Op};
-use backflow_diff::{Ack, DiffCounts, StateStore};
+use backflow_diff::{DiffCounts, StateStore};
 use std::collections::BTreeMap;
 
 struct State {
@@ -40,8 +40,7 @@ fn run(store: &StateStore, mode: Mode, full: bool) -> (DiffCounts, Sent) {
         store.forget_removed().unwrap();
     }
     let rows = store.outbox_page(0, 1000).unwrap();
-    let acks: Vec<Ack> =
-        rows.iter().map(|r| Ack { row_num: r.row_num, message_id: format!("m{}", r.row_num) }).collect();
+    let acks: Vec<u64> = rows.iter().map(|r| r.row_num).collect();
     store.ack("run", &acks).unwrap();
     let sent = rows
         .into_iter()
@@ -143,7 +142,7 @@ fn unacknowledged_records_are_sent_again_with_the_same_fingerprint() {
     let first = s.store.outbox_page(0, 10).unwrap();
     // Only key 1 is acknowledged.
     let r = &first[0];
-    s.store.ack("run", &[Ack { row_num: r.row_num, message_id: "m".into() }]).unwrap();
+    s.store.ack("run", &[r.row_num]).unwrap();
     stage(&s.store, &[(1, "a"), (2, "b")]);
     s.store.diff(Mode::Upsert, false).unwrap();
     let again = s.store.outbox_page(0, 10).unwrap();
@@ -195,9 +194,8 @@ fn acknowledgements_survive_a_crash_before_the_fold() {
         stage(&store, &[(1, "a"), (2, "b"), (3, "c")]);
         store.diff(Mode::Mirror, false).unwrap();
         let page = store.outbox_page(0, 10).unwrap();
-        let ack = |i: usize| Ack { row_num: page[i].row_num, message_id: format!("m{i}") };
-        store.ack("run", &[ack(0)]).unwrap();
-        store.ack("run", &[ack(2)]).unwrap();
+        store.ack("run", &[page[0].row_num]).unwrap();
+        store.ack("run", &[page[2].row_num]).unwrap();
         // The process dies here: no fold, no end of run.
     }
     let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
@@ -206,6 +204,32 @@ fn acknowledgements_survive_a_crash_before_the_fold() {
     let (counts, sent) = run(&store, Mode::Mirror, false);
     assert_eq!((counts.unchanged, counts.added), (2, 1));
     assert_eq!(sent, [(2, Change::Added, Op::Upsert, "b".into())]);
+}
+
+#[test]
+fn acks_logged_one_per_record_by_earlier_versions_are_folded_and_ids_derived() {
+    let dir = tempfile::tempdir().unwrap();
+    let row_num = {
+        let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+        stage(&store, &[(1, "a"), (2, "b")]);
+        store.diff(Mode::Mirror, false).unwrap();
+        store.outbox_page(0, 10).unwrap()[1].row_num
+    };
+    {
+        let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TABLE acks (row_num BIGINT NOT NULL, message_id VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
+                 delivered_at VARCHAR NOT NULL);
+             INSERT INTO acks VALUES ({row_num}, 'stored-id', 'r', 't');
+             DROP TABLE acked;"
+        ))
+        .unwrap();
+    }
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    assert_eq!(snapshot(&store, &[1, 2]), snap(&[(2, "b")]));
+    let delivered = store.lookup(&key(2)).unwrap().delivered.unwrap();
+    let fingerprint = backflow_core::fingerprint_text(r#"{"v":"b"}"#);
+    assert_eq!(delivered.message_id, backflow_core::message_id("s", &key(2), Op::Upsert, fingerprint));
 }
 
 #[test]

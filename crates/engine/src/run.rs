@@ -5,9 +5,9 @@ use crate::config::{InvalidKeyPolicy, Sync};
 use crate::stage::{EXAMPLES, HASH_SET_LIMIT, Staging};
 use crate::{Engine, EngineError, Progress, in_warehouse};
 use backflow_core::{Mapping, Mode, Op, Record, message_id};
-use backflow_diff::{Ack, DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
+use backflow_diff::{DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
 use backflow_sink::send::redact_query;
-use backflow_sink::{Destination, MetaContext, Outcome, Sender};
+use backflow_sink::{Batch, Destination, MetaContext, Outcome, Sender};
 use backflow_source::{Warehouse, WarehouseConfig};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -448,6 +448,10 @@ impl Engine {
         }
     }
 
+    /// Delivers the outbox. This task reads outbox pages, cuts them into
+    /// requests and commits acks (state work, on this thread); a spawned
+    /// task keeps `concurrency` requests in flight and hands results back
+    /// in chunks, so the network side never waits on the state file.
     async fn deliver(
         &self,
         p: &Prepared<'_>,
@@ -457,82 +461,204 @@ impl Engine {
         progress: &dyn Progress,
         report: &mut RunReport,
     ) -> Result<(), EngineError> {
-        let concurrency = p.sync.spec.destination.concurrency.max(1);
-        let breaker = p.sync.spec.destination.circuit_breaker.max(1);
-        let page_size = PAGE.max(4 * p.sync.spec.destination.batch_size);
-        let mut acks: Vec<Ack> = Vec::new();
-        let mut failures: Vec<Rejection> = Vec::new();
-        let mut last_commit = Instant::now();
-        let mut down_streak = 0u32;
+        let spec = &p.sync.spec.destination;
+        let page_size = PAGE.max(4 * spec.batch_size);
+        // Requests cross to the sending task in chunks, results come back in
+        // chunks: neither side is woken per request.
+        let (chunks, chunk_rx) = tokio::sync::mpsc::channel::<Vec<Batch>>(4);
+        let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel();
+        let network = tokio::spawn(send_all(
+            Network {
+                destination: destination.clone(),
+                sender: sender.clone(),
+                ctx: ctx.clone(),
+                concurrency: spec.concurrency.max(1),
+                breaker: spec.circuit_breaker.max(1),
+            },
+            chunk_rx,
+            results_tx,
+        ));
+        let mut chunks = Some(chunks);
+        let mut waiting: VecDeque<Batch> = VecDeque::new();
         let mut after = 0;
         let mut exhausted = false;
-        let mut queue: VecDeque<Vec<Record>> = VecDeque::new();
-        let mut in_flight = FuturesUnordered::new();
+        let mut acks: Vec<u64> = Vec::new();
+        let mut failures: Vec<Rejection> = Vec::new();
+        let mut last_commit = Instant::now();
         progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
         loop {
-            // Keep `concurrency` requests in flight, reading the outbox a page
-            // at a time as the queue of batches runs dry.
-            while in_flight.len() < concurrency {
-                if queue.is_empty() && !exhausted {
-                    let page = p.store.outbox_page(after, page_size)?;
-                    match page.last() {
-                        None => exhausted = true,
-                        Some(last) => {
-                            after = last.row_num;
-                            let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
-                            queue.extend(destination.batches(records, ctx));
-                        }
-                    }
-                }
-                let Some(batch) = queue.pop_front() else { break };
-                in_flight.push(destination.deliver(sender, batch, ctx));
-            }
-            let Some(results) = in_flight.next().await else { break };
-            progress.advance(results.len() as u64);
-            let all_down = results.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
-            down_streak = if all_down { down_streak + 1 } else { 0 };
-            for (record, outcome) in results {
-                match outcome {
-                    Outcome::Delivered { .. } => {
-                        *report.delivered.entry(record.op).or_insert(0) += 1;
-                        acks.push(Ack { row_num: record.row_num, message_id: record.message_id });
-                    }
-                    Outcome::Failed { status, reason, body, retryable, attempts } => {
-                        if !retryable {
-                            report.rejected += 1;
-                        }
-                        let reason =
-                            if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
-                        failures.push(Rejection {
-                            key: record.key_text,
-                            op: record.op,
-                            message_id: record.message_id,
-                            status,
-                            reason,
-                            body,
-                            at: now(),
-                        });
+            if waiting.is_empty() && !exhausted && chunks.is_some() {
+                let page = p.store.outbox_page(after, page_size)?;
+                match page.last() {
+                    None => exhausted = true,
+                    Some(last) => {
+                        after = last.row_num;
+                        let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
+                        waiting.extend(destination.batches(records, ctx));
                     }
                 }
             }
-            if acks.len() >= ACK_BATCH || last_commit.elapsed() >= ACK_INTERVAL {
+            if waiting.is_empty() && exhausted {
+                // Everything is handed over: the sending task ends once it
+                // has sent it.
+                chunks = None;
+            }
+            let room = async {
+                match &chunks {
+                    Some(tx) if !waiting.is_empty() => tx.reserve().await.ok(),
+                    _ => std::future::pending().await,
+                }
+            };
+            let mut stopped = false;
+            tokio::select! {
+                permit = room => match permit {
+                    Some(permit) => {
+                        let n = waiting.len().min(SEND_CHUNK);
+                        permit.send(waiting.drain(..n).collect());
+                    }
+                    // The sending task stopped early (circuit breaker).
+                    None => stopped = true,
+                },
+                chunk = results.recv() => {
+                    let Some(chunk) = chunk else { break };
+                    let chunk: Vec<(Record, Outcome)> = chunk;
+                    progress.advance(chunk.len() as u64);
+                    for (record, outcome) in chunk {
+                        settle(record, outcome, report, &mut acks, &mut failures);
+                    }
+                }
+            }
+            if stopped {
+                chunks = None;
+            }
+            if acks.len() >= ACK_BATCH || (!acks.is_empty() && last_commit.elapsed() >= ACK_INTERVAL) {
                 p.store.ack(&ctx.run_id, &acks)?;
                 acks.clear();
                 last_commit = Instant::now();
             }
-            if down_streak >= breaker {
-                report.stopped_early = Some(format!(
-                    "stopped early: {breaker} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending"
-                ));
-                break;
-            }
         }
+        report.stopped_early = network.await.unwrap_or_else(|e| Some(format!("the sending task failed: {e}")));
         p.store.ack(&ctx.run_id, &acks)?;
         p.store.fold_acks()?;
         p.store.reject(&ctx.run_id, &failures)?;
         progress.done();
         report.failures = failures.into_iter().take(20).collect();
         Ok(())
+    }
+}
+
+/// Counts a record's outcome: an ack, or a failure to record.
+fn settle(
+    record: Record,
+    outcome: Outcome,
+    report: &mut RunReport,
+    acks: &mut Vec<u64>,
+    failures: &mut Vec<Rejection>,
+) {
+    match outcome {
+        Outcome::Delivered { .. } => {
+            *report.delivered.entry(record.op).or_insert(0) += 1;
+            acks.push(record.row_num);
+        }
+        Outcome::Failed { status, reason, body, retryable, attempts } => {
+            if !retryable {
+                report.rejected += 1;
+            }
+            let reason = if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
+            failures.push(Rejection {
+                key: record.key_text,
+                op: record.op,
+                message_id: record.message_id,
+                status,
+                reason,
+                body,
+                at: now(),
+            });
+        }
+    }
+}
+
+/// What the sending task needs.
+struct Network {
+    destination: Destination,
+    sender: Sender,
+    ctx: MetaContext,
+    concurrency: usize,
+    breaker: u32,
+}
+
+/// Requests handed to the sending task at a time.
+const SEND_CHUNK: usize = 64;
+/// Results are handed back when this many are ready, or after
+/// [`RESULT_INTERVAL`].
+const RESULT_CHUNK: usize = 1024;
+const RESULT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Keeps `concurrency` batches in flight until the queue closes and is
+/// drained, or until `breaker` requests in a row failed with retryable
+/// errors (then says so).
+async fn send_all(
+    n: Network,
+    mut queue: tokio::sync::mpsc::Receiver<Vec<Batch>>,
+    results: tokio::sync::mpsc::UnboundedSender<Vec<(Record, Outcome)>>,
+) -> Option<String> {
+    let mut local: VecDeque<Batch> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    let mut down_streak = 0u32;
+    let mut chunk = Vec::new();
+    let mut last_flush = Instant::now();
+    loop {
+        while open && local.len() < n.concurrency {
+            match queue.try_recv() {
+                Ok(batches) => local.extend(batches),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        while in_flight.len() < n.concurrency {
+            let Some(batch) = local.pop_front() else { break };
+            in_flight.push(n.destination.send(&n.sender, batch, &n.ctx));
+        }
+        if in_flight.is_empty() {
+            if !chunk.is_empty() {
+                let _ = results.send(std::mem::take(&mut chunk));
+            }
+            if !open {
+                return None;
+            }
+            match queue.recv().await {
+                Some(batches) => local.extend(batches),
+                None => open = false,
+            }
+            continue;
+        }
+        let done = tokio::select! {
+            done = in_flight.next() => done,
+            batches = queue.recv(), if open && local.is_empty() && in_flight.len() < n.concurrency => {
+                match batches {
+                    Some(batches) => local.extend(batches),
+                    None => open = false,
+                }
+                None
+            }
+        };
+        if let Some(done) = done {
+            let all_down = done.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
+            down_streak = if all_down { down_streak + 1 } else { 0 };
+            chunk.extend(done);
+            if down_streak >= n.breaker {
+                let _ = results.send(chunk);
+                return Some(format!(
+                    "stopped early: {} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending",
+                    n.breaker
+                ));
+            }
+        }
+        if chunk.len() >= RESULT_CHUNK || (!chunk.is_empty() && last_flush.elapsed() >= RESULT_INTERVAL) {
+            let _ = results.send(std::mem::take(&mut chunk));
+            last_flush = Instant::now();
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod url;
 
 pub use config::{DestinationConfig, Method, RateLimit, RetryConfig, RouteConfig, SigningConfig, SigningScheme};
 pub use encode::MetaContext;
-pub use request::{Destination, HttpRequest};
+pub use request::{Batch, Destination, HttpRequest};
 pub use send::{Outcome, Sender};
 
 /// Why a destination could not be set up.

@@ -20,7 +20,7 @@ pub struct HttpRequest {
     /// Headers, in order (configured ones first).
     pub headers: Vec<(String, String)>,
     /// The exact body bytes (empty for `GET`).
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
 }
 
 #[derive(Debug, Clone)]
@@ -148,53 +148,80 @@ impl Destination {
     }
 
     fn route(&self, change: Change) -> &Route {
-        &self.routes[match change {
-            Change::Added => 0,
-            Change::Changed => 1,
-            Change::Removed => 2,
-        }]
+        &self.routes[route_index(change)]
     }
 
-    /// Cuts records into requests: one record each, or with `batch_size > 1`
-    /// runs of records bound for the same method and URL, at most
-    /// `batch_size` and `max_body_bytes` each.
-    pub fn batches(&self, records: Vec<Record>, ctx: &MetaContext) -> Vec<Vec<Record>> {
-        if self.batch_size == 1 {
-            return records.into_iter().map(|r| vec![r]).collect();
-        }
+    /// Cuts records into requests, built ready to send: one record each,
+    /// or with `batch_size > 1` runs of records bound for the same method
+    /// and URL, at most `batch_size` and `max_body_bytes` each (each
+    /// record's envelope is written once, into its batch's body).
+    pub fn batches(&self, records: Vec<Record>, ctx: &MetaContext) -> Vec<Batch> {
         let encoder = Encoder::new(ctx, self.meta_key.as_deref());
-        let mut scratch = Vec::new();
-        let mut groups: Vec<(Method, Vec<Record>, usize)> = Vec::new();
+        if self.batch_size == 1 {
+            return records
+                .into_iter()
+                .map(|r| {
+                    let request = self.build(&encoder, std::slice::from_ref(&r), None);
+                    Batch { records: vec![r], request }
+                })
+                .collect();
+        }
+        struct Group {
+            method: Method,
+            route: usize,
+            records: Vec<Record>,
+            body: Vec<u8>,
+        }
+        let finish = |g: &mut Group| {
+            let records = std::mem::take(&mut g.records);
+            let mut body = std::mem::take(&mut g.body);
+            body.push(b']');
+            let request = self.build(&encoder, &records, Some(body));
+            Batch { records, request }
+        };
+        let mut groups: Vec<Group> = Vec::new();
         let mut out = Vec::new();
+        let mut scratch = Vec::new();
         for record in records {
             let route = self.route(record.change);
             scratch.clear();
             encoder.write(&record, &mut scratch);
-            let size = scratch.len() + 1;
-            let slot =
-                groups.iter().position(|(m, g, _)| *m == route.method && self.route(g[0].change).url == route.url);
-            let index = match slot {
-                Some(i) if groups[i].1.len() < self.batch_size && groups[i].2 + size + 2 <= self.max_body_bytes => i,
-                Some(i) => {
-                    out.push(std::mem::take(&mut groups[i].1));
-                    groups[i].2 = 0;
-                    i
-                }
-                None => {
-                    groups.push((route.method, Vec::new(), 0));
+            let slot = groups
+                .iter()
+                .position(|g| g.method == route.method && self.routes[g.route].url == route.url)
+                .unwrap_or_else(|| {
+                    groups.push(Group {
+                        method: route.method,
+                        route: route_index(record.change),
+                        records: Vec::new(),
+                        body: Vec::new(),
+                    });
                     groups.len() - 1
-                }
-            };
-            groups[index].1.push(record);
-            groups[index].2 += size;
+                });
+            let group = &mut groups[slot];
+            if !group.records.is_empty()
+                && (group.records.len() >= self.batch_size
+                    || group.body.len() + scratch.len() + 2 > self.max_body_bytes)
+            {
+                out.push(finish(group));
+            }
+            group.body.push(if group.records.is_empty() { b'[' } else { b',' });
+            group.body.extend_from_slice(&scratch);
+            group.records.push(record);
         }
-        out.extend(groups.into_iter().map(|(_, g, _)| g).filter(|g| !g.is_empty()));
+        out.extend(groups.iter_mut().filter(|g| !g.records.is_empty()).map(finish));
         out
     }
 
     /// The request for `records` (one, or a batch bound for one route).
     /// `Err` when a record cannot be addressed (a NULL URL placeholder).
     pub fn request(&self, records: &[Record], ctx: &MetaContext) -> Result<HttpRequest, String> {
+        self.build(&Encoder::new(ctx, self.meta_key.as_deref()), records, None)
+    }
+
+    /// The request for `records`, with the batch body when it is written
+    /// already.
+    fn build(&self, encoder: &Encoder, records: &[Record], array: Option<Vec<u8>>) -> Result<HttpRequest, String> {
         let first = &records[0];
         let route = self.route(first.change);
         let params: Vec<(String, String)> = self
@@ -204,16 +231,19 @@ impl Destination {
                 first.route.get(column).filter(|v| !v.is_null()).map(|v| (name.clone(), scalar_text(v)))
             })
             .collect();
-        let encoder = Encoder::new(ctx, self.meta_key.as_deref());
         let mut headers = self.headers.clone();
         let (url, body) = if route.method == Method::Get {
             let mut params = params;
             params.extend(flatten(&encoder.value(first), &self.separator));
-            (route.url.render(&first.route, &params)?, Vec::new())
+            (route.url.render(&first.route, &params)?, bytes::Bytes::new())
         } else {
-            let body = if self.batch_size == 1 { encoder.encode(first) } else { encoder.array(records) };
+            let body = match array {
+                Some(body) => body,
+                None if self.batch_size == 1 => encoder.encode(first),
+                None => encoder.array(records),
+            };
             headers.push(("Content-Type".into(), "application/json".into()));
-            (route.url.render(&first.route, &params)?, body)
+            (route.url.render(&first.route, &params)?, bytes::Bytes::from(body))
         };
         let single = self.batch_size == 1;
         if single {
@@ -244,7 +274,15 @@ impl Destination {
     /// permanent status it is split in halves, recursively, so the bad
     /// records are isolated and the rest delivered.
     pub async fn deliver(&self, sender: &Sender, records: Vec<Record>, ctx: &MetaContext) -> Vec<(Record, Outcome)> {
-        let outcome = match self.request(&records, ctx) {
+        let request = self.request(&records, ctx);
+        self.send(sender, Batch { records, request }, ctx).await
+    }
+
+    /// Sends a batch built by [`Destination::batches`], isolating bad
+    /// records like [`Destination::deliver`].
+    pub async fn send(&self, sender: &Sender, batch: Batch, ctx: &MetaContext) -> Vec<(Record, Outcome)> {
+        let Batch { records, request } = batch;
+        let outcome = match request {
             Ok(request) => sender.send(&request).await,
             Err(reason) if records.len() == 1 => {
                 Outcome::Failed { status: None, reason, body: String::new(), retryable: false, attempts: 0 }
@@ -265,6 +303,23 @@ impl Destination {
             return out;
         }
         records.into_iter().map(|r| (r, outcome.clone())).collect()
+    }
+}
+
+/// Records to send in one request, with the request built for them.
+#[derive(Debug)]
+pub struct Batch {
+    /// The records, in order.
+    pub records: Vec<Record>,
+    /// The request, or why the records cannot be addressed.
+    pub request: Result<HttpRequest, String>,
+}
+
+fn route_index(change: Change) -> usize {
+    match change {
+        Change::Added => 0,
+        Change::Changed => 1,
+        Change::Removed => 2,
     }
 }
 
@@ -384,9 +439,14 @@ mod tests {
         let records: Vec<Record> =
             (1..=7).map(|i| record(i, if i == 4 { Change::Removed } else { Change::Added })).collect();
         let batches = d.batches(records, &ctx());
-        let ids: Vec<Vec<u64>> = batches.iter().map(|b| b.iter().map(|r| r.row_num).collect()).collect();
+        let ids: Vec<Vec<u64>> = batches.iter().map(|b| b.records.iter().map(|r| r.row_num).collect()).collect();
         assert_eq!(ids, [vec![1, 2, 3], vec![5, 6, 7], vec![4]]);
-        let r = d.request(&batches[0], &ctx()).unwrap();
+        let r = batches[0].request.clone().unwrap();
+        assert_eq!(
+            r,
+            d.request(&batches[0].records, &ctx()).unwrap(),
+            "the body written while batching is the batch's"
+        );
         let body: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body.as_array().unwrap().len(), 3);
         assert!(!r.headers.iter().any(|(n, _)| n == "Idempotency-Key"));
@@ -396,7 +456,9 @@ mod tests {
         let batches = small.batches((1..=40).map(|i| record(i, Change::Added)).collect(), &ctx());
         assert!(batches.len() > 1);
         for b in &batches {
-            assert!(small.request(b, &ctx()).unwrap().body.len() <= 1024);
+            let body = &b.request.as_ref().unwrap().body;
+            assert!(body.len() <= 1024);
+            assert_eq!(*body, small.request(&b.records, &ctx()).unwrap().body);
         }
         let err = Destination::new(&config(json!({"batch_size": 10, "method": "GET"})), &Env::default()).unwrap_err();
         assert!(err.to_string().contains("GET sends one record per request"), "{err}");

@@ -1,9 +1,20 @@
 //! Stage 3: sending with a timeout, bounded retries with exponential backoff
 //! and jitter, `Retry-After`, and no redirects; the answer classified.
+//!
+//! Requests go over HTTP/1.1 connections kept alive per origin (scheme, host
+//! and port) and handed from one request to the next, at most one request
+//! per connection at a time; `https` is TLS with the platform's trusted
+//! roots. A connection the receiver closed while idle is replaced without
+//! counting an attempt when the request had not been written to it.
 
 use crate::SinkError;
 use crate::config::{DestinationConfig, Method, RetryConfig};
 use crate::request::HttpRequest;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderName, HeaderValue};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// How a request ended.
@@ -49,14 +60,39 @@ pub fn is_retryable_status(status: u16) -> bool {
 pub const BODY_PREFIX: usize = 512;
 
 type Limiter = governor::DefaultDirectRateLimiter;
+type Connection = SendRequest<Full<Bytes>>;
 
-/// Sends requests over one pooled, keep-alive HTTP client, within the
-/// destination's rate limit.
+/// Sends requests over kept-alive HTTP connections, within the
+/// destination's rate limit. Clones share the connections.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    client: reqwest::Client,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     retry: RetryConfig,
-    limiter: Option<std::sync::Arc<Limiter>>,
+    timeout: Duration,
+    connect_timeout: Duration,
+    limiter: Option<Limiter>,
+    origins: Mutex<Vec<Arc<Origin>>>,
+    tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
+}
+
+/// Where requests of one scheme, host and port go, with its idle
+/// connections.
+#[derive(Debug)]
+struct Origin {
+    /// `scheme://authority` as it starts the URLs sent there.
+    prefix: String,
+    tls: bool,
+    host: String,
+    port: u16,
+    /// The `Host` header.
+    host_header: HeaderValue,
+    /// `Authorization: Basic …` from credentials written in the URL.
+    basic_auth: Option<HeaderValue>,
+    idle: Mutex<Vec<Connection>>,
 }
 
 /// One attempt's result, before the retry decision.
@@ -65,33 +101,41 @@ enum Attempt {
     Retry { status: Option<u16>, reason: String, body: String, wait: Option<Duration> },
 }
 
+/// Why no answer came.
+enum Failure {
+    /// The request cannot be sent as it is (retrying will not help).
+    Invalid(String),
+    /// No connection, a broken exchange or no answer in time.
+    Transport(String),
+}
+
+const USER_AGENT: &str = concat!("backflow/", env!("CARGO_PKG_VERSION"));
+
 impl Sender {
     /// A sender with the destination's timeouts, retry policy and rate limit.
     pub fn new(config: &DestinationConfig) -> Result<Sender, SinkError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(config.timeout.get())
-            .connect_timeout(config.connect_timeout.get())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(config.concurrency.max(1))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| SinkError::Client(e.to_string()))?;
         let limiter = config.rate_limit.map(|rate| {
             let burst = std::num::NonZeroU32::new(rate.requests).expect("rates are positive");
             let quota = governor::Quota::with_period(rate.per / rate.requests)
                 .expect("a positive period")
                 .allow_burst(burst.min(std::num::NonZeroU32::new(config.concurrency.max(1) as u32).expect("positive")));
-            std::sync::Arc::new(governor::RateLimiter::direct(quota))
+            governor::RateLimiter::direct(quota)
         });
-        Ok(Sender { client, retry: config.retry.clone(), limiter })
+        Ok(Sender {
+            inner: Arc::new(Inner {
+                retry: config.retry.clone(),
+                timeout: config.timeout.get(),
+                connect_timeout: config.connect_timeout.get(),
+                limiter,
+                origins: Mutex::new(Vec::new()),
+                tls: OnceLock::new(),
+            }),
+        })
     }
 
     /// Sends `request`, retrying retryable failures, and says how it ended.
     pub async fn send(&self, request: &HttpRequest) -> Outcome {
-        let attempts = self.retry.attempts.max(1);
+        let attempts = self.inner.retry.attempts.max(1);
         let mut attempt = 1;
         loop {
             match self.attempt(request, attempt).await {
@@ -100,7 +144,7 @@ impl Sender {
                     if attempt >= attempts {
                         return Outcome::Failed { status, reason, body, retryable: true, attempts: attempt };
                     }
-                    let wait = wait.unwrap_or_else(|| self.backoff(attempt)).min(self.retry.max_backoff.get());
+                    let wait = wait.unwrap_or_else(|| self.backoff(attempt)).min(self.inner.retry.max_backoff.get());
                     tracing::warn!(
                         url = %redact_query(&request.url),
                         attempt,
@@ -116,45 +160,28 @@ impl Sender {
     }
 
     async fn attempt(&self, request: &HttpRequest, attempt: u32) -> Attempt {
-        if let Some(limiter) = &self.limiter {
+        if let Some(limiter) = &self.inner.limiter {
             limiter.until_ready().await;
         }
-        let method = match request.method {
-            Method::Get => reqwest::Method::GET,
-            Method::Post => reqwest::Method::POST,
-            Method::Put => reqwest::Method::PUT,
-            Method::Patch => reqwest::Method::PATCH,
-            Method::Delete => reqwest::Method::DELETE,
+        let exchange = async {
+            let (origin, http) = self.prepare(request)?;
+            self.exchange(&origin, http).await
         };
-        let mut builder = self.client.request(method, &request.url);
-        if !request.body.is_empty() {
-            builder = builder.body(request.body.clone());
-        }
-        for (name, value) in &request.headers {
-            builder = builder.header(name, value);
-        }
-        let response = match builder.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = if e.is_timeout() {
-                    "timed out waiting for the receiver".to_string()
-                } else if e.is_connect() {
-                    "could not connect to the receiver".to_string()
-                } else {
-                    format!("request failed: {}", error_chain(&e))
-                };
-                return Attempt::Retry { status: None, reason, body: String::new(), wait: None };
+        let (status, headers, body) = match tokio::time::timeout(self.inner.timeout, exchange).await {
+            Err(_) => return retry_without_status("timed out waiting for the receiver".into()),
+            Ok(Err(Failure::Invalid(reason))) => {
+                return Attempt::Done(Outcome::Failed {
+                    status: None,
+                    reason,
+                    body: String::new(),
+                    retryable: false,
+                    attempts: attempt,
+                });
             }
+            Ok(Err(Failure::Transport(reason))) => return retry_without_status(reason),
+            Ok(Ok(answer)) => answer,
         };
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let location =
-            response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = match response.bytes().await {
+        let body = match body {
             Ok(b) => body_prefix(&b),
             Err(e) if (200..300).contains(&status) => {
                 // The receiver said 2xx but the body broke off: not an ack.
@@ -167,21 +194,25 @@ impl Sender {
             }
             Err(_) => String::new(),
         };
+        let header = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         match status {
             200..=299 => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
             300..=399 => Attempt::Done(Outcome::Failed {
                 status: Some(status),
                 reason: format!(
                     "HTTP {status}: redirects are not followed (Location: {}); configure the final URL",
-                    location.as_deref().unwrap_or("none")
+                    header(hyper::header::LOCATION).unwrap_or("none")
                 ),
                 body,
                 retryable: false,
                 attempts: attempt,
             }),
-            s if is_retryable_status(s) => {
-                Attempt::Retry { status: Some(s), reason: format!("HTTP {s}"), body, wait: retry_after }
-            }
+            s if is_retryable_status(s) => Attempt::Retry {
+                status: Some(s),
+                reason: format!("HTTP {s}"),
+                body,
+                wait: header(hyper::header::RETRY_AFTER).and_then(parse_retry_after),
+            },
             s => Attempt::Done(Outcome::Failed {
                 status: Some(s),
                 reason: format!("HTTP {s}: rejected by the receiver"),
@@ -192,12 +223,196 @@ impl Sender {
         }
     }
 
+    /// The origin `request` goes to and the HTTP request for it.
+    fn prepare(&self, request: &HttpRequest) -> Result<(Arc<Origin>, hyper::Request<Full<Bytes>>), Failure> {
+        let origin = self.origin(&request.url)?;
+        let rest = &request.url[origin.prefix.len()..];
+        let rest = rest.split('#').next().unwrap_or_default();
+        let target = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+        let uri = match hyper::Uri::try_from(target.as_str()) {
+            Ok(uri) => uri,
+            // Characters a URI may not hold as written (spaces, non-ASCII in
+            // the configured URL): encoded the way URL parsers do.
+            Err(_) => {
+                let url = url::Url::parse(&request.url).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?;
+                let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+                hyper::Uri::try_from(target).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?
+            }
+        };
+        let mut http = hyper::Request::new(Full::new(request.body.clone()));
+        *http.method_mut() = match request.method {
+            Method::Get => hyper::Method::GET,
+            Method::Post => hyper::Method::POST,
+            Method::Put => hyper::Method::PUT,
+            Method::Patch => hyper::Method::PATCH,
+            Method::Delete => hyper::Method::DELETE,
+        };
+        *http.uri_mut() = uri;
+        let headers = http.headers_mut();
+        headers.insert(hyper::header::HOST, origin.host_header.clone());
+        headers.insert(hyper::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        if let Some(auth) = &origin.basic_auth {
+            headers.insert(hyper::header::AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in &request.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| Failure::Invalid(format!("`{name}` is not a valid header name")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| Failure::Invalid(format!("the value of header `{name}` is not valid")))?;
+            if name == hyper::header::USER_AGENT || name == hyper::header::AUTHORIZATION {
+                headers.insert(name, value);
+            } else {
+                headers.append(name, value);
+            }
+        }
+        Ok((origin, http))
+    }
+
+    /// The origin of `url`, created on first use.
+    fn origin(&self, url: &str) -> Result<Arc<Origin>, Failure> {
+        let authority_start = url.find("://").map(|i| i + 3).ok_or_else(|| Failure::Invalid("bad URL".into()))?;
+        let end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
+        let prefix = &url[..end];
+        let mut origins = self.inner.origins.lock().expect("origins lock");
+        if let Some(o) = origins.iter().find(|o| o.prefix == prefix) {
+            return Ok(o.clone());
+        }
+        let parsed = url::Url::parse(prefix).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?;
+        let host = parsed.host_str().ok_or_else(|| Failure::Invalid("the URL has no host".into()))?.to_string();
+        let port = parsed.port_or_known_default().ok_or_else(|| Failure::Invalid("the URL has no port".into()))?;
+        let host_header = match parsed.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let basic_auth = (!parsed.username().is_empty() || parsed.password().is_some()).then(|| {
+            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+            let user = decode(parsed.username());
+            let password = decode(parsed.password().unwrap_or_default());
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let mut value = HeaderValue::from_str(&format!("Basic {token}")).expect("base64 is a valid header value");
+            value.set_sensitive(true);
+            value
+        });
+        let origin = Arc::new(Origin {
+            prefix: prefix.to_string(),
+            tls: parsed.scheme() == "https",
+            host_header: HeaderValue::from_str(&host_header)
+                .map_err(|_| Failure::Invalid(format!("`{host_header}` is not a valid host")))?,
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port,
+            basic_auth,
+            idle: Mutex::new(Vec::new()),
+        });
+        origins.push(origin.clone());
+        Ok(origin)
+    }
+
+    /// Sends `http` over an idle connection of `origin` or a new one, and
+    /// reads the whole answer. The connection is kept for the next request
+    /// unless it was closed.
+    async fn exchange(
+        &self,
+        origin: &Origin,
+        http: hyper::Request<Full<Bytes>>,
+    ) -> Result<(u16, hyper::HeaderMap, Result<Bytes, hyper::Error>), Failure> {
+        let mut http = http;
+        loop {
+            let idle = origin.idle.lock().expect("idle lock").pop();
+            let (mut conn, reused) = match idle {
+                Some(conn) if !conn.is_closed() => (conn, true),
+                Some(_) => continue,
+                None => (self.connect(origin).await?, false),
+            };
+            if conn.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(Failure::Transport("the receiver closed the connection".into()));
+            }
+            match conn.try_send_request(http).await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let (parts, body) = response.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes());
+                    if body.is_ok() && !conn.is_closed() {
+                        origin.idle.lock().expect("idle lock").push(conn);
+                    }
+                    return Ok((status, parts.headers, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    // A kept connection the receiver had closed: the request
+                    // was not written, so it goes over a new one.
+                    Some(unsent) if reused => http = unsent,
+                    _ => return Err(Failure::Transport(format!("request failed: {}", error_chain(e.error())))),
+                },
+            }
+        }
+    }
+
+    /// Opens a connection (TCP, then TLS for `https`) within the connect
+    /// timeout.
+    async fn connect(&self, origin: &Origin) -> Result<Connection, Failure> {
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect((origin.host.as_str(), origin.port))
+                .await
+                .map_err(|e| Failure::Transport(format!("could not connect to the receiver: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            let handshake = hyper::client::conn::http1::Builder::new();
+            let failed = |e: hyper::Error| Failure::Transport(format!("request failed: {}", error_chain(&e)));
+            if origin.tls {
+                let tls = self.tls().map_err(Failure::Invalid)?;
+                let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
+                    .map_err(|_| Failure::Invalid(format!("`{}` is not a valid TLS server name", origin.host)))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| Failure::Transport(format!("TLS handshake failed: {}", error_chain(&e))))?;
+                let (conn, driver) = handshake.handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(failed)?;
+                tokio::spawn(async move { drop(driver.await) });
+                Ok(conn)
+            } else {
+                let (conn, driver) = handshake.handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(failed)?;
+                tokio::spawn(async move { drop(driver.await) });
+                Ok(conn)
+            }
+        };
+        match tokio::time::timeout(self.inner.connect_timeout, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Transport("timed out connecting to the receiver".into())),
+        }
+    }
+
+    /// The TLS client set up on first use: the platform's trusted roots
+    /// (on Linux, also `SSL_CERT_FILE` / `SSL_CERT_DIR`), HTTP/1.1.
+    fn tls(&self) -> Result<tokio_rustls::TlsConnector, String> {
+        self.inner
+            .tls
+            .get_or_init(|| {
+                use rustls_platform_verifier::BuilderVerifierExt;
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .and_then(|b| b.with_platform_verifier())
+                    .map_err(|e| format!("cannot set up TLS: {e}"))?
+                    .with_no_client_auth();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Ok(Arc::new(config))
+            })
+            .clone()
+            .map(tokio_rustls::TlsConnector::from)
+    }
+
     /// Exponential backoff with full jitter between half and all of the step.
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.retry.backoff.get().as_millis() as u64;
+        let base = self.inner.retry.backoff.get().as_millis() as u64;
         let step = base.saturating_mul(1u64 << (attempt - 1).min(20));
         Duration::from_millis(step / 2 + fastrand::u64(0..=step / 2))
     }
+}
+
+fn retry_without_status(reason: String) -> Attempt {
+    Attempt::Retry { status: None, reason, body: String::new(), wait: None }
 }
 
 /// `Retry-After` as seconds or an HTTP date.

@@ -38,7 +38,7 @@ fn deliver(c: &DestinationConfig, records: Vec<Record>) -> Vec<(Record, Outcome)
     runtime.block_on(async {
         let mut out = Vec::new();
         for batch in destination.batches(records, &ctx()) {
-            out.extend(destination.deliver(&sender, batch, &ctx()).await);
+            out.extend(destination.send(&sender, batch, &ctx()).await);
         }
         out
     })
@@ -103,6 +103,24 @@ fn retry_after_as_an_http_date_is_honoured() {
             .is_delivered()
     );
     assert!(started.elapsed() >= Duration::from_millis(900), "waited {:?}", started.elapsed());
+}
+
+#[test]
+fn connections_are_kept_alive_and_replaced_without_a_retry_when_the_receiver_closes_them() {
+    let r = Receiver::start();
+    r.respond(|_, i| {
+        if i % 3 == 2 {
+            Reply::Full(200, vec![("Connection".into(), "close".into())], String::new())
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let out = deliver(&config(&r.url(), json!({"retry": {"attempts": 1}})), (1..=30).map(record).collect());
+    assert!(out.iter().all(|(_, o)| *o == Outcome::Delivered { status: 200, attempts: 1 }), "{out:?}");
+    let mut connections: Vec<u16> = r.requests().iter().map(|q| q.peer_port).collect();
+    assert_eq!(connections.len(), 30);
+    connections.dedup();
+    assert_eq!(connections.len(), 10, "three requests per connection, then the receiver closed it");
 }
 
 #[test]

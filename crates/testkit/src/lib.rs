@@ -25,6 +25,8 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
     /// The exact body bytes.
     pub body: Vec<u8>,
+    /// The client's port: one per connection.
+    pub peer_port: u16,
 }
 
 impl Received {
@@ -77,6 +79,46 @@ impl Receiver {
 
     /// Starts a receiver on a given port of 127.0.0.1 (0: any free port).
     pub fn start_on(port: u16) -> Receiver {
+        Receiver::serve(port, None)
+    }
+
+    /// Starts a receiver that speaks HTTPS, with a certificate for
+    /// `localhost` and 127.0.0.1 issued by a certificate authority made for
+    /// it. Returns the receiver and that authority's certificate (PEM), which
+    /// a client must trust to reach it ([`Receiver::https_url`]).
+    pub fn start_tls() -> (Receiver, String) {
+        let ca_params = {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("no names");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, "backflow test CA");
+            p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+            p
+        };
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("names");
+        leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        leaf_params.use_authority_key_identifier_extension = true;
+        let leaf_key = rcgen::KeyPair::generate().expect("server key");
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("server certificate");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .expect("server TLS config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        (Receiver::serve(0, Some(acceptor)), ca.pem())
+    }
+
+    fn serve(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner { requests: Vec::new(), rule: Box::new(|_, _| Reply::Status(200)) }),
             arrived: Condvar::new(),
@@ -92,7 +134,11 @@ impl Receiver {
                     .fallback(handle)
                     .with_state(server_state)
                     .layer(axum::extract::DefaultBodyLimit::max(1 << 30));
-                axum::serve(listener, app).await.expect("serve");
+                let app = app.into_make_service_with_connect_info::<Peer>();
+                match tls {
+                    Some(acceptor) => axum::serve(TlsListener { tcp: listener, acceptor }, app).await.expect("serve"),
+                    None => axum::serve(listener, app).await.expect("serve"),
+                }
             });
         });
         let addr = rx.recv().expect("receiver started");
@@ -102,6 +148,12 @@ impl Receiver {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `https://localhost:PORT`, for a receiver started with
+    /// [`Receiver::start_tls`].
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
     }
 
     /// Answers each request by `rule(request, index)`; `index` counts every
@@ -137,8 +189,50 @@ impl Receiver {
     }
 }
 
+/// The client's address, for plain and TLS connections.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshake (one that
+/// fails is dropped).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    axum::extract::ConnectInfo(Peer(peer)): axum::extract::ConnectInfo<Peer>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -152,6 +246,7 @@ async fn handle(
             .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
             .collect(),
         body: body.to_vec(),
+        peer_port: peer.port(),
     };
     let reply = {
         let mut inner = shared.inner.lock().expect("lock");
