@@ -197,8 +197,21 @@ pub fn fingerprint_request(payload_json: &str, route_json: Option<&str>) -> u64 
 /// key text, the op and the fingerprint. A change re-sent after a retry or a
 /// crash carries the same id, so receivers can deduplicate.
 pub fn message_id(sync: &str, key_text: &str, op: Op, fingerprint: u64) -> String {
-    let name = format!("{sync}\u{0}{key_text}\u{0}{op}\u{0}{fingerprint:016x}");
-    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+    // `Uuid::new_v5(NAMESPACE, "{sync}\0{key}\0{op}\0{fingerprint:016x}")`,
+    // hashed in pieces with a SHA-1 that uses the CPU's SHA instructions:
+    // ids are computed for every record sent.
+    use sha1::Digest;
+    let mut fingerprint_hex = [0u8; 16];
+    hex::encode_to_slice(fingerprint.to_be_bytes(), &mut fingerprint_hex).expect("16 hex digits");
+    let mut sha = sha1::Sha1::new();
+    sha.update(NAMESPACE.as_bytes());
+    for part in [sync.as_bytes(), b"\0", key_text.as_bytes(), b"\0", op.as_str().as_bytes(), b"\0", &fingerprint_hex] {
+        sha.update(part);
+    }
+    let digest = sha.finalize();
+    let bytes: [u8; 16] = digest[..16].try_into().expect("a SHA-1 digest has 20 bytes");
+    let id = uuid::Builder::from_sha1_bytes(bytes).into_uuid();
+    id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_string()
 }
 
 /// Namespace for message ids (a fixed random UUID; never change it: ids
@@ -209,6 +222,21 @@ const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1d_2c3a_8b4e_4f6a_9d1c_5
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn message_ids_are_the_uuidv5_of_sync_key_op_and_fingerprint() {
+        for (sync, key, op, fingerprint) in [
+            ("crm", r#"{"id":1}"#, Op::Upsert, 0u64),
+            ("s", r#"{"email":"é\u0000x"}"#, Op::Delete, u64::MAX),
+            ("", "", Op::Append, 0x0123_4567_89ab_cdef),
+        ] {
+            let name = format!("{sync}\u{0}{key}\u{0}{op}\u{0}{fingerprint:016x}");
+            assert_eq!(
+                message_id(sync, key, op, fingerprint),
+                uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+            );
+        }
+    }
 
     #[test]
     fn op_table_matches_the_spec() {

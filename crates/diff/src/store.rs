@@ -607,26 +607,28 @@ impl StateStore {
     /// removal drops the key; anything else stores the delivered payload
     /// and fingerprint (its message id is derived from those when asked
     /// for). The log refers to the current outbox, which is only replaced
-    /// after a fold, and holds each row at most once.
+    /// after a fold, and holds each row at most once. Returns the number of
+    /// records folded.
     pub fn fold_acks(&self) -> Result<u64, DiffError> {
-        let pending = self.count("SELECT count(*) FROM acked")?;
-        if pending > 0 {
-            self.transaction(|conn| {
-                conn.execute_batch(
-                    "CREATE OR REPLACE TEMP TABLE delivered AS
-                     SELECT o.key, o.fingerprint, o.payload, o.route, o.op, a.run_id, a.delivered_at,
-                            o.row_hash, o.change = 'removed' AS removed
-                     FROM (SELECT unnest(range(first_row, last_row + 1)) AS row_num, run_id, delivered_at FROM acked) a
-                     JOIN outbox o USING (row_num);
-                     DELETE FROM snapshot WHERE key IN (SELECT key FROM delivered);
-                     INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash)
-                     SELECT key, fingerprint, payload, route, op, NULL, run_id, delivered_at, row_hash
-                     FROM delivered WHERE NOT removed;
-                     DELETE FROM acked;
-                     DROP TABLE delivered;",
-                )
-            })?;
+        let pending = self.count("SELECT coalesce(sum(last_row - first_row + 1), 0)::BIGINT FROM acked")?;
+        if pending == 0 {
+            return Ok(0);
         }
+        // Each outbox row meets the range that starts at or before it (the
+        // ranges do not overlap), and counts if the range reaches it.
+        let acked = "FROM outbox o ASOF JOIN acked a ON o.row_num >= a.first_row WHERE o.row_num <= a.last_row";
+        let replaces = self.count("SELECT count(*) FROM snapshot")? > 0;
+        self.transaction(|conn| {
+            if replaces {
+                conn.execute_batch(&format!("DELETE FROM snapshot WHERE key IN (SELECT o.key {acked})"))?;
+            }
+            conn.execute_batch(&format!(
+                "INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash)
+                 SELECT o.key, o.fingerprint, o.payload, o.route, o.op, NULL, a.run_id, a.delivered_at, o.row_hash
+                 {acked} AND o.change <> 'removed';
+                 DELETE FROM acked;"
+            ))
+        })?;
         Ok(pending)
     }
 

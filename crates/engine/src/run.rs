@@ -539,7 +539,9 @@ impl Engine {
         }
         report.stopped_early = network.await.unwrap_or_else(|e| Some(format!("the sending task failed: {e}")));
         p.store.ack(&ctx.run_id, &acks)?;
+        let folding = Instant::now();
         p.store.fold_acks()?;
+        tracing::debug!(sync = %ctx.sync, elapsed = ?folding.elapsed(), "acknowledgements folded into the snapshot");
         p.store.reject(&ctx.run_id, &failures)?;
         progress.done();
         report.failures = failures.into_iter().take(20).collect();

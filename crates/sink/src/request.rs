@@ -205,6 +205,12 @@ impl Destination {
             {
                 out.push(finish(group));
             }
+            if group.records.is_empty() {
+                // Sized for a full batch of records like this one: no
+                // regrowing (and copying) of large bodies.
+                let estimate = (scratch.len() + 1).saturating_mul(self.batch_size).saturating_add(2);
+                group.body.reserve(estimate.min(self.max_body_bytes));
+            }
             group.body.push(if group.records.is_empty() { b'[' } else { b',' });
             group.body.extend_from_slice(&scratch);
             group.records.push(record);
