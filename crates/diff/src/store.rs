@@ -632,6 +632,12 @@ impl StateStore {
         Ok(pending)
     }
 
+    /// Writes everything committed so far into the state file (DuckDB
+    /// would otherwise do it at a later commit, such as the fold's).
+    pub fn checkpoint(&self) -> Result<(), DiffError> {
+        Ok(self.conn.execute_batch("CHECKPOINT")?)
+    }
+
     /// Records rejected records of a run.
     pub fn reject(&self, run_id: &str, rejections: &[Rejection]) -> Result<(), DiffError> {
         self.transaction(|conn| {

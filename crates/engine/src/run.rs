@@ -373,6 +373,9 @@ impl Engine {
         if spec.mode.forgets_removed() {
             p.store.forget_removed()?;
         }
+        // The outbox goes to disk now, as part of preparing the run, rather
+        // than with the first commit that fills the log.
+        p.store.checkpoint()?;
         let ctx = MetaContext { sync: name.to_string(), mode: spec.mode, run_id: run_id.clone() };
         let mut report = RunReport {
             sync: name.to_string(),
