@@ -466,8 +466,12 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let spec = &p.sync.spec.destination;
         let page_size = PAGE.max(4 * spec.batch_size);
-        // Requests cross to the sending task in chunks, results come back in
-        // chunks: neither side is woken per request.
+        // Three stages, each on its own thread: this one reads outbox pages
+        // and commits acks; an encoding thread turns pages into requests
+        // (message ids, bodies, signatures); a spawned task keeps
+        // `concurrency` requests in flight. Requests cross in chunks and
+        // results come back in chunks: no stage is woken per request.
+        let (pages, page_rx) = tokio::sync::mpsc::channel::<Vec<OutboxRow>>(2);
         let (chunks, chunk_rx) = tokio::sync::mpsc::channel::<Vec<Batch>>(4);
         let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel();
         let network = tokio::spawn(send_all(
@@ -481,46 +485,45 @@ impl Engine {
             chunk_rx,
             results_tx,
         ));
-        let mut chunks = Some(chunks);
-        let mut waiting: VecDeque<Batch> = VecDeque::new();
+        let encoder = {
+            let (destination, ctx) = (destination.clone(), ctx.clone());
+            std::thread::Builder::new()
+                .name("backflow-encode".into())
+                .spawn(move || encode_pages(page_rx, chunks, &destination, &ctx))
+                .map_err(|e| EngineError::Sink {
+                    sync: p.sync.name.clone(),
+                    source: backflow_sink::SinkError::Client(format!("cannot start the encoding thread: {e}")),
+                })?
+        };
+        let mut pages = Some(pages);
         let mut after = 0;
-        let mut exhausted = false;
         let mut acks: Vec<u64> = Vec::new();
         let mut failures: Vec<Rejection> = Vec::new();
         let mut last_commit = Instant::now();
         progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
         loop {
-            if waiting.is_empty() && !exhausted && chunks.is_some() {
-                let page = p.store.outbox_page(after, page_size)?;
-                match page.last() {
-                    None => exhausted = true,
-                    Some(last) => {
-                        after = last.row_num;
-                        let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
-                        waiting.extend(destination.batches(records, ctx));
-                    }
-                }
-            }
-            if waiting.is_empty() && exhausted {
-                // Everything is handed over: the sending task ends once it
-                // has sent it.
-                chunks = None;
-            }
             let room = async {
-                match &chunks {
-                    Some(tx) if !waiting.is_empty() => tx.reserve().await.ok(),
-                    _ => std::future::pending().await,
+                match &pages {
+                    Some(tx) => tx.reserve().await.ok(),
+                    None => std::future::pending().await,
                 }
             };
-            let mut stopped = false;
+            // Set when every page is handed over, or the encoder stopped
+            // (the sending task stopped early: circuit breaker).
+            let mut close = false;
             tokio::select! {
                 permit = room => match permit {
                     Some(permit) => {
-                        let n = waiting.len().min(SEND_CHUNK);
-                        permit.send(waiting.drain(..n).collect());
+                        let page = p.store.outbox_page(after, page_size)?;
+                        match page.last() {
+                            Some(last) => {
+                                after = last.row_num;
+                                permit.send(page);
+                            }
+                            None => close = true,
+                        }
                     }
-                    // The sending task stopped early (circuit breaker).
-                    None => stopped = true,
+                    None => close = true,
                 },
                 chunk = results.recv() => {
                     let Some(chunk) = chunk else { break };
@@ -531,8 +534,8 @@ impl Engine {
                     }
                 }
             }
-            if stopped {
-                chunks = None;
+            if close {
+                pages = None;
             }
             if acks.len() >= ACK_BATCH || (!acks.is_empty() && last_commit.elapsed() >= ACK_INTERVAL) {
                 p.store.ack(&ctx.run_id, &acks)?;
@@ -540,6 +543,8 @@ impl Engine {
                 last_commit = Instant::now();
             }
         }
+        drop(pages);
+        let _ = encoder.join();
         report.stopped_early = network.await.unwrap_or_else(|e| Some(format!("the sending task failed: {e}")));
         p.store.ack(&ctx.run_id, &acks)?;
         let folding = Instant::now();
@@ -549,6 +554,25 @@ impl Engine {
         progress.done();
         report.failures = failures.into_iter().take(20).collect();
         Ok(())
+    }
+}
+
+/// The encoding stage: outbox pages become requests, handed on in chunks,
+/// until the pages end or the sending task stops.
+fn encode_pages(
+    mut pages: tokio::sync::mpsc::Receiver<Vec<OutboxRow>>,
+    chunks: tokio::sync::mpsc::Sender<Vec<Batch>>,
+    destination: &Destination,
+    ctx: &MetaContext,
+) {
+    while let Some(page) = pages.blocking_recv() {
+        let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
+        let mut batches = destination.batches(records, ctx).into_iter().peekable();
+        while batches.peek().is_some() {
+            if chunks.blocking_send(batches.by_ref().take(SEND_CHUNK).collect()).is_err() {
+                return;
+            }
+        }
     }
 }
 
