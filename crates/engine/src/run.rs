@@ -567,11 +567,20 @@ fn encode_pages(
 ) {
     while let Some(page) = pages.blocking_recv() {
         let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
-        let mut batches = destination.batches(records, ctx).into_iter().peekable();
-        while batches.peek().is_some() {
-            if chunks.blocking_send(batches.by_ref().take(SEND_CHUNK).collect()).is_err() {
-                return;
+        let mut chunk = Vec::new();
+        let mut in_chunk = 0;
+        for batch in destination.batches(records, ctx) {
+            in_chunk += batch.records.len();
+            chunk.push(batch);
+            if chunk.len() >= SEND_CHUNK || in_chunk >= SEND_CHUNK_RECORDS {
+                if chunks.blocking_send(std::mem::take(&mut chunk)).is_err() {
+                    return;
+                }
+                in_chunk = 0;
             }
+        }
+        if !chunk.is_empty() && chunks.blocking_send(chunk).is_err() {
+            return;
         }
     }
 }
@@ -616,8 +625,11 @@ struct Network {
     breaker: u32,
 }
 
-/// Requests handed to the sending task at a time.
+/// Requests handed to the sending task at a time…
 const SEND_CHUNK: usize = 64;
+/// … or requests carrying this many records (large batches cross a few at
+/// a time, so little waits in memory).
+const SEND_CHUNK_RECORDS: usize = 4096;
 /// Results are handed back when this many are ready, or after
 /// [`RESULT_INTERVAL`].
 const RESULT_CHUNK: usize = 1024;
