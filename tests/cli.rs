@@ -174,6 +174,24 @@ fn listen_prints_requests_and_verifies_signatures() {
 }
 
 #[test]
+fn credentials_in_the_url_are_sent_as_basic_auth_and_never_printed() {
+    let p = Project::new(&sync("upsert", ""));
+    let url = p.receiver.url().replace("http://", "http://ops:${BF_TEST_PASSWORD}@");
+    p.write("syncs/s.yaml", &sync("upsert", "").replace("{URL}", &url));
+    p.sql("insert into items values (1, 'a', 1)");
+    p.receiver.respond(|_, i| if i == 0 { Reply::Status(503) } else { Reply::Status(200) });
+    let secret = "pw-5e4d3c2b1a";
+    let run = finish(p.cmd(&["-vv", "run", "s"]).env("BF_TEST_PASSWORD", secret).output().unwrap());
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(run.stderr.contains("retrying"), "the retry is logged with its URL:\n{}", run.stderr);
+    assert!(!run.all().contains(secret), "secret leaked:\n{}", run.all());
+    let requests = p.receiver.requests();
+    assert_eq!(requests.len(), 2);
+    // base64("ops:pw-5e4d3c2b1a")
+    assert_eq!(requests[1].header("authorization"), Some("Basic b3BzOnB3LTVlNGQzYzJiMWE="));
+}
+
+#[test]
 fn secrets_never_reach_output_or_history() {
     let p = Project::new(&sync("upsert", "  headers:\n    Authorization: Bearer ${BF_TEST_TOKEN}\n"));
     p.sql("insert into items values (1, 'a', 1)");

@@ -442,9 +442,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The URL without its query string (which may carry keys) for logs.
+/// The URL for logs: without its query string and without credentials
+/// written before the host (either may carry keys).
 pub fn redact_query(url: &str) -> String {
-    url.split(['?', '#']).next().unwrap_or(url).to_string()
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    let Some(authority) = url.find("://").map(|i| i + 3) else { return url.to_string() };
+    let host_end = url[authority..].find('/').map_or(url.len(), |i| authority + i);
+    match url[authority..host_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..authority], &url[authority + at + 1..]),
+        None => url.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -458,6 +465,13 @@ mod tests {
         let later = (chrono::Utc::now() + chrono::TimeDelta::seconds(60)).to_rfc2822();
         assert!(parse_retry_after(&later).unwrap() > Duration::from_secs(50));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn logged_urls_carry_neither_query_nor_credentials() {
+        assert_eq!(redact_query("https://u:p%40ss@api.example.com/a/b?key=1#f"), "https://api.example.com/a/b");
+        assert_eq!(redact_query("http://127.0.0.1:8080/hook?k=v"), "http://127.0.0.1:8080/hook");
+        assert_eq!(redact_query("http://h/x@y"), "http://h/x@y");
     }
 
     #[test]
