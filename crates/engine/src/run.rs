@@ -544,8 +544,11 @@ impl Engine {
             }
         }
         drop(pages);
-        let _ = encoder.join();
+        let encoded = encoder.join();
         report.stopped_early = network.await.unwrap_or_else(|e| Some(format!("the sending task failed: {e}")));
+        if encoded.is_err() && report.stopped_early.is_none() {
+            report.stopped_early = Some("stopped early: the encoding thread failed; the rest stays pending".into());
+        }
         p.store.ack(&ctx.run_id, &acks)?;
         let folding = Instant::now();
         p.store.fold_acks()?;
