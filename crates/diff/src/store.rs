@@ -273,44 +273,37 @@ pub(crate) fn append_columns(appender: &mut Appender<'_>, columns: Vec<(&str, Ar
     Ok(())
 }
 
-/// State files written before the ack log kept the snapshot under a primary
-/// key, which DuckDB checks too eagerly for a delete and re-insert of the
-/// same key in one transaction; the table is rebuilt without it.
 /// Earlier versions logged one ack per record with its message id; they
 /// become ranges (message ids are derived since), and snapshots may leave
 /// message ids out.
 fn migrate_ack_log(conn: &Connection) -> Result<(), DiffError> {
     conn.execute_batch("ALTER TABLE snapshot ALTER COLUMN message_id DROP NOT NULL")?;
-    let legacy: i64 = conn.query_row(
+    migrate_if(
+        conn,
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'acks' AND database_name = current_database()",
-        [],
-        |r| r.get(0),
-    )?;
-    if legacy > 0 {
-        conn.execute_batch(
-            "BEGIN TRANSACTION;
-             INSERT INTO acked SELECT row_num, row_num, run_id, delivered_at FROM acks;
-             DROP TABLE acks;
-             COMMIT;",
-        )?;
-    }
-    Ok(())
+        "INSERT INTO acked SELECT row_num, row_num, run_id, delivered_at FROM acks;
+         DROP TABLE acks;",
+    )
 }
 
+/// State files written before the ack log kept the snapshot under a primary
+/// key, which DuckDB checks too eagerly for a delete and re-insert of the
+/// same key in one transaction; the table is rebuilt without it.
 fn drop_snapshot_primary_key(conn: &Connection) -> Result<(), DiffError> {
-    let keyed: i64 = conn.query_row(
+    migrate_if(
+        conn,
         "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'snapshot' AND constraint_type = 'PRIMARY KEY'",
-        [],
-        |r| r.get(0),
-    )?;
-    if keyed > 0 {
-        conn.execute_batch(
-            "BEGIN TRANSACTION;
-             CREATE TABLE snapshot_unkeyed AS SELECT * FROM snapshot;
-             DROP TABLE snapshot;
-             ALTER TABLE snapshot_unkeyed RENAME TO snapshot;
-             COMMIT;",
-        )?;
+        "CREATE TABLE snapshot_unkeyed AS SELECT * FROM snapshot;
+         DROP TABLE snapshot;
+         ALTER TABLE snapshot_unkeyed RENAME TO snapshot;",
+    )
+}
+
+/// Runs `statements` in one transaction when `probe` counts anything.
+fn migrate_if(conn: &Connection, probe: &str, statements: &str) -> Result<(), DiffError> {
+    let found: i64 = conn.query_row(probe, [], |r| r.get(0))?;
+    if found > 0 {
+        conn.execute_batch(&format!("BEGIN TRANSACTION; {statements} COMMIT;"))?;
     }
     Ok(())
 }

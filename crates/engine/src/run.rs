@@ -6,7 +6,7 @@ use crate::stage::{EXAMPLES, HASH_SET_LIMIT, Staging};
 use crate::{Engine, EngineError, Progress, in_warehouse};
 use backflow_core::{Mapping, Mode, Op, Record, message_id};
 use backflow_diff::{DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
-use backflow_sink::send::redact_query;
+use backflow_sink::send::redact_url;
 use backflow_sink::{Batch, Destination, MetaContext, Outcome, Sender};
 use backflow_source::{Warehouse, WarehouseConfig};
 use futures_util::StreamExt;
@@ -303,7 +303,7 @@ impl Engine {
             .outbox_page(0, SAMPLES as usize)?
             .into_iter()
             .map(|row| match destination.request(&[record(name, row)], &ctx) {
-                Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_query(&r.url))),
+                Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_url(&r.url))),
                 Ok(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
                 Err(reason) => json!({"error": reason}),
             })
@@ -451,10 +451,8 @@ impl Engine {
         }
     }
 
-    /// Delivers the outbox. This task reads outbox pages, cuts them into
-    /// requests and commits acks (state work, on this thread); a spawned
-    /// task keeps `concurrency` requests in flight and hands results back
-    /// in chunks, so the network side never waits on the state file.
+    /// Delivers the outbox, committing acks as results come back, and folds
+    /// them into the snapshot at the end.
     async fn deliver(
         &self,
         p: &Prepared<'_>,

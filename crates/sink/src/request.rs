@@ -148,7 +148,11 @@ impl Destination {
     }
 
     fn route(&self, change: Change) -> &Route {
-        &self.routes[route_index(change)]
+        &self.routes[match change {
+            Change::Added => 0,
+            Change::Changed => 1,
+            Change::Removed => 2,
+        }]
     }
 
     /// Cuts records into requests, built ready to send: one record each,
@@ -166,9 +170,8 @@ impl Destination {
                 })
                 .collect();
         }
-        struct Group {
-            method: Method,
-            route: usize,
+        struct Group<'a> {
+            route: &'a Route,
             records: Vec<Record>,
             body: Vec<u8>,
         }
@@ -188,14 +191,9 @@ impl Destination {
             encoder.write(&record, &mut scratch);
             let slot = groups
                 .iter()
-                .position(|g| g.method == route.method && self.routes[g.route].url == route.url)
+                .position(|g| g.route.method == route.method && g.route.url == route.url)
                 .unwrap_or_else(|| {
-                    groups.push(Group {
-                        method: route.method,
-                        route: route_index(record.change),
-                        records: Vec::new(),
-                        body: Vec::new(),
-                    });
+                    groups.push(Group { route, records: Vec::new(), body: Vec::new() });
                     groups.len() - 1
                 });
             let group = &mut groups[slot];
@@ -319,14 +317,6 @@ pub struct Batch {
     pub records: Vec<Record>,
     /// The request, or why the records cannot be addressed.
     pub request: Result<HttpRequest, String>,
-}
-
-fn route_index(change: Change) -> usize {
-    match change {
-        Change::Added => 0,
-        Change::Changed => 1,
-        Change::Removed => 2,
-    }
 }
 
 /// The path and query of a URL (what `GET` requests sign).

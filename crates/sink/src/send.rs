@@ -146,7 +146,7 @@ impl Sender {
                     }
                     let wait = wait.unwrap_or_else(|| self.backoff(attempt)).min(self.inner.retry.max_backoff.get());
                     tracing::warn!(
-                        url = %redact_query(&request.url),
+                        url = %redact_url(&request.url),
                         attempt,
                         reason = %reason,
                         wait_ms = wait.as_millis() as u64,
@@ -444,7 +444,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The URL for logs: without its query string and without credentials
 /// written before the host (either may carry keys).
-pub fn redact_query(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let url = url.split(['?', '#']).next().unwrap_or(url);
     let Some(authority) = url.find("://").map(|i| i + 3) else { return url.to_string() };
     let host_end = url[authority..].find('/').map_or(url.len(), |i| authority + i);
@@ -469,9 +469,9 @@ mod tests {
 
     #[test]
     fn logged_urls_carry_neither_query_nor_credentials() {
-        assert_eq!(redact_query("https://u:p%40ss@api.example.com/a/b?key=1#f"), "https://api.example.com/a/b");
-        assert_eq!(redact_query("http://127.0.0.1:8080/hook?k=v"), "http://127.0.0.1:8080/hook");
-        assert_eq!(redact_query("http://h/x@y"), "http://h/x@y");
+        assert_eq!(redact_url("https://u:p%40ss@api.example.com/a/b?key=1#f"), "https://api.example.com/a/b");
+        assert_eq!(redact_url("http://127.0.0.1:8080/hook?k=v"), "http://127.0.0.1:8080/hook");
+        assert_eq!(redact_url("http://h/x@y"), "http://h/x@y");
     }
 
     #[test]
