@@ -294,3 +294,51 @@ fn delivered_pairs_name_unchanged_rows_and_a_missing_payload_is_detected() {
     s.store.diff(Mode::Upsert, false).unwrap();
     assert_eq!(s.store.outbox_missing_payloads().unwrap(), 1);
 }
+
+#[test]
+fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let times = {
+        let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+        stage(&store, &[(1, "a"), (2, "b"), (3, "c")]);
+        store.diff(Mode::Mirror, false).unwrap();
+        let page = store.outbox_page(0, 10).unwrap();
+        // Two ack commits, at different times, in another order than sent.
+        store.ack("run-1", &[page[2].row_num]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.ack("run-1", &[page[0].row_num, page[1].row_num]).unwrap();
+        assert_eq!(store.fold_acks().unwrap(), 3);
+        let at = |id| store.lookup(&key(id)).unwrap().delivered.unwrap();
+        assert!(at(1).delivered_at == at(2).delivered_at && at(3).delivered_at < at(1).delivered_at);
+        assert!([1, 2, 3].iter().all(|id| at(*id).run_id == "run-1"));
+        [1, 2, 3].map(|id| at(id).delivered_at)
+    };
+    // The snapshot keeps its columns and constraints, and later runs diff
+    // against it (and fold by copying) as against any other.
+    let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
+    let not_null: Vec<String> = conn
+        .prepare(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'snapshot' AND NOT is_nullable
+             ORDER BY column_name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(not_null, ["delivered_at", "fingerprint", "key", "op", "payload", "run_id"]);
+    let outbox: i64 = conn
+        .query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'outbox'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(outbox, 0, "the outbox became the snapshot");
+    drop(conn);
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (2, "b"), (3, "c")]));
+    stage(&store, &[(1, "a"), (2, "B")]);
+    let (counts, sent) = run(&store, Mode::Mirror, false);
+    assert_eq!((counts.unchanged, counts.changed, counts.removed), (1, 1, 1));
+    assert_eq!(sent.len(), 2);
+    store.fold_acks().unwrap();
+    assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (2, "B")]));
+    assert_eq!(store.lookup(&key(1)).unwrap().delivered.unwrap().delivered_at, times[0], "kept from the first run");
+}
