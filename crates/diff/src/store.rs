@@ -517,13 +517,14 @@ impl StateStore {
 
     /// Records to send with `row_num > after`, in order, at most `limit`
     /// (row numbers are dense, so a page is a range of them). Read as Arrow
-    /// columns: a page costs a scan, not a value conversion per cell.
+    /// columns: a page costs a scan, not a value conversion per cell. The
+    /// page is put in order here: an `ORDER BY` made DuckDB sort payloads.
     pub fn outbox_page(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, DiffError> {
         use duckdb::arrow::array::{Array, AsArray};
         use duckdb::arrow::datatypes::{Int64Type, UInt64Type};
         let mut stmt = self.conn.prepare(
             "SELECT row_num, key, change, op, fingerprint, payload, route FROM outbox
-             WHERE row_num > ? AND row_num <= ? ORDER BY row_num",
+             WHERE row_num > ? AND row_num <= ?",
         )?;
         let mut out = Vec::with_capacity(limit);
         for batch in stmt.query_arrow(params![after as i64, after as i64 + limit as i64])? {
@@ -546,6 +547,7 @@ impl StateStore {
                 });
             }
         }
+        out.sort_unstable_by_key(|row| row.row_num);
         Ok(out)
     }
 

@@ -16,9 +16,11 @@ use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// Records read from the outbox at a time (at least; four batches when
-/// batches are larger).
-const PAGE: usize = 10_000;
+/// Records read from the outbox at a time: the first page is small, so
+/// sending starts at once; pages then double up to [`PAGE_MAX`] (each page
+/// is a query, so larger pages cost less per record).
+const PAGE_FIRST: usize = 1_024;
+const PAGE_MAX: usize = 65_536;
 /// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`]
 /// (a crash re-sends at most what was acknowledged since, with the same ids).
 const ACK_BATCH: usize = 50_000;
@@ -463,7 +465,8 @@ impl Engine {
         report: &mut RunReport,
     ) -> Result<(), EngineError> {
         let spec = &p.sync.spec.destination;
-        let page_size = PAGE.max(4 * spec.batch_size);
+        // A page holds at least four batches.
+        let mut page_size = PAGE_FIRST.max(4 * spec.batch_size);
         // Three stages, each on its own thread: this one reads outbox pages
         // and commits acks; an encoding thread turns pages into requests
         // (message ids, bodies, signatures); a spawned task keeps
@@ -513,6 +516,7 @@ impl Engine {
                 permit = room => match permit {
                     Some(permit) => {
                         let page = p.store.outbox_page(after, page_size)?;
+                        page_size = (2 * page_size).min(PAGE_MAX.max(4 * spec.batch_size));
                         match page.last() {
                             Some(last) => {
                                 after = last.row_num;
