@@ -2,6 +2,7 @@
 //! the current query result and the diff against the snapshot.
 
 use crate::DiffError;
+use crate::warehouse::literal;
 use backflow_core::{Change, Mode, Op};
 use duckdb::arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder, UInt64Builder};
 use duckdb::arrow::record_batch::RecordBatch;
@@ -19,8 +20,9 @@ CREATE TABLE IF NOT EXISTS snapshot (
     op VARCHAR NOT NULL,
     message_id VARCHAR,
     run_id VARCHAR NOT NULL,
-    delivered_at VARCHAR NOT NULL,
-    row_hash UBIGINT
+    delivered_at VARCHAR,
+    row_hash UBIGINT,
+    row_num BIGINT
 );
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY,
@@ -50,7 +52,13 @@ CREATE TABLE IF NOT EXISTS acked (
     run_id VARCHAR NOT NULL,
     delivered_at VARCHAR NOT NULL
 );
+CREATE TABLE IF NOT EXISTS delivered_ranges (
+    first_row BIGINT NOT NULL,
+    last_row BIGINT NOT NULL,
+    delivered_at VARCHAR NOT NULL
+);
 ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
+ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS row_num BIGINT;
 ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
 ";
 
@@ -277,7 +285,10 @@ pub(crate) fn append_columns(appender: &mut Appender<'_>, columns: Vec<(&str, Ar
 /// become ranges (message ids are derived since), and snapshots may leave
 /// message ids out.
 fn migrate_ack_log(conn: &Connection) -> Result<(), DiffError> {
-    conn.execute_batch("ALTER TABLE snapshot ALTER COLUMN message_id DROP NOT NULL")?;
+    conn.execute_batch(
+        "ALTER TABLE snapshot ALTER COLUMN message_id DROP NOT NULL;
+         ALTER TABLE snapshot ALTER COLUMN delivered_at DROP NOT NULL;",
+    )?;
     migrate_if(
         conn,
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'acks' AND database_name = current_database()",
@@ -613,6 +624,7 @@ impl StateStore {
         if first
             && self.count("SELECT count(*) FROM outbox")? == pending
             && self.count("SELECT count(*) FROM outbox WHERE change = 'removed'")? == 0
+            && self.count("SELECT count(DISTINCT run_id) FROM acked")? == 1
         {
             self.outbox_becomes_snapshot()?;
             return Ok(pending);
@@ -625,8 +637,8 @@ impl StateStore {
                 conn.execute_batch(&format!("DELETE FROM snapshot WHERE key IN (SELECT o.key {acked})"))?;
             }
             conn.execute_batch(&format!(
-                "INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash)
-                 SELECT o.key, o.fingerprint, o.payload, o.route, o.op, NULL, a.run_id, a.delivered_at, o.row_hash
+                "INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash, row_num)
+                 SELECT o.key, o.fingerprint, o.payload, o.route, o.op, NULL, a.run_id, a.delivered_at, o.row_hash, NULL
                  {acked} WHERE o.change <> 'removed';
                  DELETE FROM acked;"
             ))
@@ -635,29 +647,35 @@ impl StateStore {
     }
 
     /// The fold of a first delivery that was acknowledged whole (an empty
-    /// snapshot, every record delivered): the outbox already holds what the
-    /// snapshot must, so it becomes the snapshot instead of being copied
-    /// into it. Its payloads are written once per run instead of twice,
-    /// which is most of the cost of a first sync's fold.
+    /// snapshot, every record delivered, by one run): the outbox already
+    /// holds what the snapshot must, so it becomes the snapshot instead of
+    /// being copied into it — its payloads are written once per run instead
+    /// of twice, which was most of the cost of a first sync's fold. Its rows
+    /// keep their row numbers, and the acknowledged ranges are kept to tell
+    /// when each was delivered (setting the time on every row cost as much
+    /// as the copy). Only these rows have row numbers: the snapshot was
+    /// empty, so the ranges of an earlier such fold are dropped.
     fn outbox_becomes_snapshot(&self) -> Result<(), DiffError> {
+        let run_id: String = self.conn.query_row("SELECT any_value(run_id) FROM acked", [], |r| r.get(0))?;
         self.transaction(|conn| {
-            conn.execute_batch(
+            conn.execute_batch(&format!(
                 "DROP TABLE snapshot;
                  ALTER TABLE outbox RENAME TO snapshot;
-                 ALTER TABLE snapshot ADD COLUMN message_id VARCHAR;
-                 ALTER TABLE snapshot ADD COLUMN run_id VARCHAR;
-                 ALTER TABLE snapshot ADD COLUMN delivered_at VARCHAR;
-                 UPDATE snapshot SET run_id = a.run_id, delivered_at = a.delivered_at
-                 FROM acked a WHERE snapshot.row_num BETWEEN a.first_row AND a.last_row;
-                 ALTER TABLE snapshot DROP COLUMN row_num;
                  ALTER TABLE snapshot DROP COLUMN change;
+                 ALTER TABLE snapshot ADD COLUMN message_id VARCHAR;
+                 ALTER TABLE snapshot ADD COLUMN run_id VARCHAR DEFAULT {run_id};
+                 ALTER TABLE snapshot ALTER COLUMN run_id DROP DEFAULT;
+                 ALTER TABLE snapshot ADD COLUMN delivered_at VARCHAR;
+                 DELETE FROM delivered_ranges;
+                 INSERT INTO delivered_ranges SELECT first_row, last_row, delivered_at FROM acked;
                  DELETE FROM acked;",
-            )
+                run_id = literal(&run_id)
+            ))
         })?;
-        // DuckDB checks new constraints only on a table without updates
+        // DuckDB checks new constraints only on a table without changes
         // pending in the transaction.
         self.transaction(|conn| {
-            for column in ["key", "fingerprint", "payload", "op", "run_id", "delivered_at"] {
+            for column in ["key", "fingerprint", "payload", "op", "run_id"] {
                 conn.execute_batch(&format!("ALTER TABLE snapshot ALTER COLUMN {column} SET NOT NULL"))?;
             }
             Ok(())
@@ -784,7 +802,9 @@ impl StateStore {
         let delivered = self
             .conn
             .query_row(
-                "SELECT payload, fingerprint, op, message_id, run_id, delivered_at FROM snapshot WHERE key = ?",
+                "SELECT s.payload, s.fingerprint, s.op, s.message_id, s.run_id, coalesce(s.delivered_at, r.delivered_at, '')
+                 FROM snapshot s LEFT JOIN delivered_ranges r ON s.row_num BETWEEN r.first_row AND r.last_row
+                 WHERE s.key = ?",
                 [key],
                 |r| {
                     let fingerprint = r.get::<_, u64>(1)?;
@@ -819,7 +839,11 @@ impl StateStore {
     /// Forgets every delivered key: the next run sends every row as added.
     pub fn reset(&self) -> Result<u64, DiffError> {
         let n = self.snapshot_len()?;
-        self.transaction(|conn| conn.execute_batch("DELETE FROM snapshot; DELETE FROM acked; DELETE FROM settings;"))?;
+        self.transaction(|conn| {
+            conn.execute_batch(
+                "DELETE FROM snapshot; DELETE FROM acked; DELETE FROM delivered_ranges; DELETE FROM settings;",
+            )
+        })?;
         Ok(n)
     }
 
