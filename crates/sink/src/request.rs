@@ -9,6 +9,7 @@ use crate::url::{UrlTemplate, flatten, scalar_text};
 use crate::{SinkError, signing};
 use backflow_core::env::Env;
 use backflow_core::{Change, Record};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// A request ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +18,11 @@ pub struct HttpRequest {
     pub method: Method,
     /// The full URL.
     pub url: String,
-    /// Headers, in order (configured ones first).
-    pub headers: Vec<(String, String)>,
+    /// The request target sent: the URL's path and query.
+    pub target: hyper::Uri,
+    /// Headers, in order (configured ones first), checked and parsed once
+    /// per destination rather than per request.
+    pub headers: HeaderMap,
     /// The exact body bytes (empty for `GET`).
     pub body: bytes::Bytes,
 }
@@ -41,7 +45,7 @@ pub struct Destination {
     /// Routes for added, changed and removed records.
     routes: [Route; 3],
     query_params: Vec<(String, String)>,
-    headers: Vec<(String, String)>,
+    headers: HeaderMap,
     meta_key: Option<String>,
     signer: Option<Signer>,
     batch_size: usize,
@@ -102,12 +106,12 @@ impl Destination {
                 ));
             }
         }
-        let mut headers = Vec::new();
+        let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             let field = format!("headers.{name}");
             let value = expand(&field, value)?;
-            check_header(name, &value)?;
-            headers.push((name.clone(), value));
+            let (name, value) = check_header(name, &value)?;
+            headers.append(name, value);
         }
         let signer = match &config.signing {
             Some(s) => {
@@ -246,32 +250,33 @@ impl Destination {
                 None if self.batch_size == 1 => encoder.encode(first),
                 None => encoder.array(records),
             };
-            headers.push(("Content-Type".into(), "application/json".into()));
+            headers.append(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             (route.url.render(&first.route, &params)?, bytes::Bytes::from(body))
         };
         let single = self.batch_size == 1;
         if single {
-            headers.push(("Idempotency-Key".into(), first.message_id.clone()));
+            headers.append(IDEMPOTENCY_KEY, text_value(first.message_id.clone()));
         }
         match &self.signer {
             Some(Signer::HmacSha1(secret)) => {
                 let signed: &[u8] = if route.method == Method::Get { request_target(&url) } else { &body };
-                headers.push(("X-Signature".into(), signing::hmac_sha1_hex(secret, signed)));
+                headers.append(X_SIGNATURE, text_value(signing::hmac_sha1_hex(secret, signed)));
             }
             Some(Signer::StandardWebhooks(key)) => {
                 let id = if single { first.message_id.clone() } else { batch_id(records) };
                 let timestamp = chrono::Utc::now().timestamp();
                 let signed: &[u8] = if route.method == Method::Get { request_target(&url) } else { &body };
-                headers.push((
-                    "webhook-signature".into(),
-                    signing::standard_webhooks_signature(key, &id, timestamp, signed),
-                ));
-                headers.push(("webhook-id".into(), id));
-                headers.push(("webhook-timestamp".into(), timestamp.to_string()));
+                headers.append(
+                    HeaderName::from_static("webhook-signature"),
+                    text_value(signing::standard_webhooks_signature(key, &id, timestamp, signed)),
+                );
+                headers.append(HeaderName::from_static("webhook-id"), text_value(id));
+                headers.append(HeaderName::from_static("webhook-timestamp"), HeaderValue::from(timestamp));
             }
             None => {}
         }
-        Ok(HttpRequest { method: route.method, url, headers, body })
+        let target = origin_form(&url)?;
+        Ok(HttpRequest { method: route.method, url, target, headers, body })
     }
 
     /// Sends `records` as one request; when a batch is refused with a
@@ -320,6 +325,25 @@ pub struct Batch {
 }
 
 /// The path and query of a URL (what `GET` requests sign).
+/// The request target (path and query) of an absolute `url` as sent: as
+/// written when it is a valid URI; characters a URI may not hold as written
+/// (spaces, non-ASCII in the configured URL) are encoded the way URL
+/// parsers do.
+fn origin_form(url: &str) -> Result<hyper::Uri, String> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = url[after_scheme..].find(['/', '?', '#']).map_or("", |i| &url[after_scheme + i..]);
+    let rest = rest.split('#').next().unwrap_or_default();
+    let target = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+    match hyper::Uri::try_from(target) {
+        Ok(uri) => Ok(uri),
+        Err(_) => {
+            let url = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+            let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+            hyper::Uri::try_from(target).map_err(|e| format!("bad URL: {e}"))
+        }
+    }
+}
+
 fn request_target(url: &str) -> &[u8] {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let start = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
@@ -339,7 +363,7 @@ fn uuid_from(text: &str) -> String {
     format!("batch_{}", hex::encode(&digest[..16]))
 }
 
-fn check_header(name: &str, value: &str) -> Result<(), SinkError> {
+fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), SinkError> {
     let err = |reason: &str| SinkError::Header { name: name.to_string(), reason: reason.to_string() };
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
         return Err(err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"));
@@ -347,7 +371,20 @@ fn check_header(name: &str, value: &str) -> Result<(), SinkError> {
     if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
         return Err(err("the value contains CR, LF or NUL, which would split the request; remove them"));
     }
-    Ok(())
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"))?;
+    let mut value = HeaderValue::from_str(value).map_err(|_| err("the value holds control characters; remove them"))?;
+    value.set_sensitive(true);
+    Ok((parsed, value))
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const X_SIGNATURE: HeaderName = HeaderName::from_static("x-signature");
+
+/// A header value Backflow wrote (ids, hex and base64 signatures: always
+/// valid), taken without a copy.
+fn text_value(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).expect("ids and signatures are valid header values")
 }
 
 #[cfg(test)]
@@ -404,7 +441,7 @@ mod tests {
             "http://127.0.0.1:1/hook?foo=bar&user=u7%40x.org&email=u7%40x.org&tags__0=a&tags__1=b&addr__city=Oslo"
         );
         assert!(r.body.is_empty());
-        assert!(!r.headers.iter().any(|(n, _)| n == "Content-Type"));
+        assert!(!r.headers.contains_key("Content-Type"));
     }
 
     #[test]
@@ -445,7 +482,7 @@ mod tests {
         );
         let body: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body.as_array().unwrap().len(), 3);
-        assert!(!r.headers.iter().any(|(n, _)| n == "Idempotency-Key"));
+        assert!(!r.headers.contains_key("Idempotency-Key"));
 
         let small =
             Destination::new(&config(json!({"batch_size": 1000, "max_body_bytes": 1024})), &Env::default()).unwrap();
@@ -465,7 +502,7 @@ mod tests {
         let d = Destination::new(&config(json!({"signing": {"scheme": "hmac-sha1", "secret": "k"}})), &Env::default())
             .unwrap();
         let r = d.request(&[record(1, Change::Added)], &ctx()).unwrap();
-        let sig = &r.headers.iter().find(|(n, _)| n == "X-Signature").unwrap().1;
+        let sig = r.headers["X-Signature"].to_str().unwrap();
         assert!(signing::verify_hmac_sha1(b"k", &r.body, sig));
 
         let get = Destination::new(
@@ -474,7 +511,7 @@ mod tests {
         )
         .unwrap();
         let r = get.request(&[record(1, Change::Added)], &ctx()).unwrap();
-        let sig = &r.headers.iter().find(|(n, _)| n == "X-Signature").unwrap().1;
+        let sig = r.headers["X-Signature"].to_str().unwrap();
         let target = &r.url["http://127.0.0.1:1".len()..];
         assert!(target.starts_with("/hook?foo=bar&"));
         assert!(signing::verify_hmac_sha1(b"k", target.as_bytes(), sig));
@@ -487,7 +524,7 @@ mod tests {
         )
         .unwrap();
         let r = sw.request(&[record(1, Change::Added)], &ctx()).unwrap();
-        let header = |n: &str| r.headers.iter().find(|(h, _)| h == n).unwrap().1.clone();
+        let header = |n: &str| r.headers[n].to_str().unwrap().to_string();
         assert_eq!(header("webhook-id"), "m1");
         let key = signing::standard_webhooks_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let ts: i64 = header("webhook-timestamp").parse().unwrap();

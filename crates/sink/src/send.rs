@@ -226,19 +226,6 @@ impl Sender {
     /// The origin `request` goes to and the HTTP request for it.
     fn prepare(&self, request: &HttpRequest) -> Result<(Arc<Origin>, hyper::Request<Full<Bytes>>), Failure> {
         let origin = self.origin(&request.url)?;
-        let rest = &request.url[origin.prefix.len()..];
-        let rest = rest.split('#').next().unwrap_or_default();
-        let target = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
-        let uri = match hyper::Uri::try_from(target.as_str()) {
-            Ok(uri) => uri,
-            // Characters a URI may not hold as written (spaces, non-ASCII in
-            // the configured URL): encoded the way URL parsers do.
-            Err(_) => {
-                let url = url::Url::parse(&request.url).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?;
-                let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
-                hyper::Uri::try_from(target).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?
-            }
-        };
         let mut http = hyper::Request::new(Full::new(request.body.clone()));
         *http.method_mut() = match request.method {
             Method::Get => hyper::Method::GET,
@@ -247,7 +234,7 @@ impl Sender {
             Method::Patch => hyper::Method::PATCH,
             Method::Delete => hyper::Method::DELETE,
         };
-        *http.uri_mut() = uri;
+        *http.uri_mut() = request.target.clone();
         let headers = http.headers_mut();
         headers.insert(hyper::header::HOST, origin.host_header.clone());
         headers.insert(hyper::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
@@ -255,14 +242,10 @@ impl Sender {
             headers.insert(hyper::header::AUTHORIZATION, auth.clone());
         }
         for (name, value) in &request.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| Failure::Invalid(format!("`{name}` is not a valid header name")))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| Failure::Invalid(format!("the value of header `{name}` is not valid")))?;
             if name == hyper::header::USER_AGENT || name == hyper::header::AUTHORIZATION {
-                headers.insert(name, value);
+                headers.insert(name, value.clone());
             } else {
-                headers.append(name, value);
+                headers.append(name, value.clone());
             }
         }
         Ok((origin, http))
