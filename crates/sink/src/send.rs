@@ -253,13 +253,16 @@ impl Sender {
 
     /// The origin of `url`, created on first use.
     fn origin(&self, url: &str) -> Result<Arc<Origin>, Failure> {
+        let mut origins = self.inner.origins.lock().expect("origins lock");
+        let known = origins.iter().find(|o| {
+            url.starts_with(&o.prefix) && matches!(url.as_bytes().get(o.prefix.len()), None | Some(b'/' | b'?' | b'#'))
+        });
+        if let Some(o) = known {
+            return Ok(o.clone());
+        }
         let authority_start = url.find("://").map(|i| i + 3).ok_or_else(|| Failure::Invalid("bad URL".into()))?;
         let end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
         let prefix = &url[..end];
-        let mut origins = self.inner.origins.lock().expect("origins lock");
-        if let Some(o) = origins.iter().find(|o| o.prefix == prefix) {
-            return Ok(o.clone());
-        }
         let parsed = url::Url::parse(prefix).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?;
         let host = parsed.host_str().ok_or_else(|| Failure::Invalid("the URL has no host".into()))?.to_string();
         let port = parsed.port_or_known_default().ok_or_else(|| Failure::Invalid("the URL has no port".into()))?;
@@ -305,7 +308,7 @@ impl Sender {
             let (mut conn, reused) = match idle {
                 Some(conn) if !conn.is_closed() => (conn, true),
                 Some(_) => continue,
-                None => (self.connect(origin).await?, false),
+                None => (Box::pin(self.connect(origin)).await?, false),
             };
             if conn.ready().await.is_err() {
                 if reused {
