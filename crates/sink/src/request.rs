@@ -426,6 +426,11 @@ mod tests {
         let err = Destination::new(&c, &env).unwrap_err().to_string();
         assert!(err.contains("CR, LF"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+        // Other control characters are refused when the sync loads, too,
+        // rather than failing every request.
+        let c = config(json!({"headers": {"X-Tag": "a\u{1}b"}}));
+        let err = Destination::new(&c, &env).unwrap_err().to_string();
+        assert!(err.contains("destination.headers.X-Tag") && err.contains("control characters"), "{err}");
     }
 
     #[test]
