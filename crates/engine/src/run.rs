@@ -17,10 +17,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Records read from the outbox at a time: the first page is small, so
-/// sending starts at once; pages then double up to [`PAGE_MAX`] (each page
-/// is a query, so larger pages cost less per record).
+/// sending starts at once; pages then double up to [`PAGE_MAX`] records
+/// or [`PAGE_BYTES`] of payloads (each page is a query, so larger pages
+/// cost less per record; a few pages wait in memory at a time).
 const PAGE_FIRST: usize = 1_024;
 const PAGE_MAX: usize = 65_536;
+const PAGE_BYTES: usize = 32 << 20;
 /// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`]
 /// (a crash re-sends at most what was acknowledged since, with the same ids).
 const ACK_BATCH: usize = 50_000;
@@ -466,7 +468,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let spec = &p.sync.spec.destination;
         // A page holds at least four batches.
-        let mut page_size = PAGE_FIRST.max(4 * spec.batch_size);
+        let least = PAGE_FIRST.max(4 * spec.batch_size);
+        let mut page_size = least;
         // Three stages, each on its own thread: this one reads outbox pages
         // and commits acks; an encoding thread turns pages into requests
         // (message ids, bodies, signatures); a spawned task keeps
@@ -516,7 +519,7 @@ impl Engine {
                 permit = room => match permit {
                     Some(permit) => {
                         let page = p.store.outbox_page(after, page_size)?;
-                        page_size = (2 * page_size).min(PAGE_MAX.max(4 * spec.batch_size));
+                        page_size = next_page_size(&page, page_size, least);
                         match page.last() {
                             Some(last) => {
                                 after = last.row_num;
@@ -560,6 +563,15 @@ impl Engine {
         report.failures = failures.into_iter().take(20).collect();
         Ok(())
     }
+}
+
+/// The size of the page after `page` (read with `size` records): double,
+/// within [`PAGE_MAX`] records and about [`PAGE_BYTES`] of payloads, and
+/// never under `least`.
+fn next_page_size(page: &[OutboxRow], size: usize, least: usize) -> usize {
+    let bytes: usize = page.iter().map(|row| row.payload.len()).sum();
+    let by_bytes = PAGE_BYTES.saturating_mul(page.len()).checked_div(bytes).unwrap_or(PAGE_MAX);
+    (2 * size).min(PAGE_MAX).min(by_bytes).max(least)
 }
 
 /// The encoding stage: outbox pages become requests, handed on in chunks,
@@ -805,5 +817,37 @@ async fn reach(url: &str, timeout: Duration) -> Result<String, String> {
         Ok(Ok(stream)) => Ok(stream.peer_addr().map(|a| a.to_string()).unwrap_or(format!("{host}:{port}"))),
         Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
         Err(_) => Err(format!("no answer from {host}:{port} within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(rows: usize, payload_bytes: usize) -> Vec<OutboxRow> {
+        (0..rows)
+            .map(|i| OutboxRow {
+                row_num: i as u64 + 1,
+                key: format!("{{\"id\":{i}}}"),
+                change: backflow_core::Change::Added,
+                op: backflow_core::Op::Upsert,
+                fingerprint: 0,
+                payload: "x".repeat(payload_bytes),
+                route: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pages_grow_within_a_record_and_a_byte_budget() {
+        // Narrow rows: pages double up to the record cap.
+        assert_eq!(next_page_size(&page(1024, 100), 1024, 1024), 2048);
+        assert_eq!(next_page_size(&page(64, 100), PAGE_MAX, 1024), PAGE_MAX);
+        // Wide rows (1 MiB each): about PAGE_BYTES of them, but never
+        // fewer than four batches.
+        assert_eq!(next_page_size(&page(8, 1 << 20), 1024, 8), PAGE_BYTES >> 20);
+        assert_eq!(next_page_size(&page(8, 1 << 20), 1024, 4000), 4000);
+        // The last, empty page changes nothing that matters.
+        assert_eq!(next_page_size(&[], 1024, 1024), 2048);
     }
 }
