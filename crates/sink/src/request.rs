@@ -253,19 +253,21 @@ impl Destination {
             headers.append(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             (route.url.render(&first.route, &params)?, bytes::Bytes::from(body))
         };
+        let target = origin_form(&url)?;
+        // What a GET signs: the request target exactly as sent.
+        let sent_target = target.path_and_query().map_or("/", |p| p.as_str());
+        let signed: &[u8] = if route.method == Method::Get { sent_target.as_bytes() } else { &body };
         let single = self.batch_size == 1;
         if single {
             headers.append(IDEMPOTENCY_KEY, text_value(first.message_id.clone()));
         }
         match &self.signer {
             Some(Signer::HmacSha1(secret)) => {
-                let signed: &[u8] = if route.method == Method::Get { request_target(&url) } else { &body };
                 headers.append(X_SIGNATURE, text_value(signing::hmac_sha1_hex(secret, signed)));
             }
             Some(Signer::StandardWebhooks(key)) => {
                 let id = if single { first.message_id.clone() } else { batch_id(records) };
                 let timestamp = chrono::Utc::now().timestamp();
-                let signed: &[u8] = if route.method == Method::Get { request_target(&url) } else { &body };
                 headers.append(
                     HeaderName::from_static("webhook-signature"),
                     text_value(signing::standard_webhooks_signature(key, &id, timestamp, signed)),
@@ -275,7 +277,6 @@ impl Destination {
             }
             None => {}
         }
-        let target = origin_form(&url)?;
         Ok(HttpRequest { method: route.method, url, target, headers, body })
     }
 
@@ -324,7 +325,6 @@ pub struct Batch {
     pub request: Result<HttpRequest, String>,
 }
 
-/// The path and query of a URL (what `GET` requests sign).
 /// The request target (path and query) of an absolute `url` as sent: as
 /// written when it is a valid URI; characters a URI may not hold as written
 /// (spaces, non-ASCII in the configured URL) are encoded the way URL
@@ -344,13 +344,6 @@ fn origin_form(url: &str) -> Result<hyper::Uri, String> {
     }
 }
 
-fn request_target(url: &str) -> &[u8] {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let start = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
-    let end = url.find('#').unwrap_or(url.len());
-    if start >= end { b"/" } else { &url.as_bytes()[start..end] }
-}
-
 /// A batch's id: deterministic in its records' message ids.
 fn batch_id(records: &[Record]) -> String {
     let ids: Vec<&str> = records.iter().map(|r| r.message_id.as_str()).collect();
@@ -365,14 +358,11 @@ fn uuid_from(text: &str) -> String {
 
 fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), SinkError> {
     let err = |reason: &str| SinkError::Header { name: name.to_string(), reason: reason.to_string() };
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
-        return Err(err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"));
-    }
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"))?;
     if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
         return Err(err("the value contains CR, LF or NUL, which would split the request; remove them"));
     }
-    let parsed = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"))?;
     let mut value = HeaderValue::from_str(value).map_err(|_| err("the value holds control characters; remove them"))?;
     value.set_sensitive(true);
     Ok((parsed, value))
@@ -519,6 +509,7 @@ mod tests {
         let sig = r.headers["X-Signature"].to_str().unwrap();
         let target = &r.url["http://127.0.0.1:1".len()..];
         assert!(target.starts_with("/hook?foo=bar&"));
+        assert_eq!(r.target.to_string(), target, "what is signed is what is sent");
         assert!(signing::verify_hmac_sha1(b"k", target.as_bytes(), sig));
 
         let sw = Destination::new(

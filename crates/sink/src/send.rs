@@ -344,28 +344,17 @@ impl Sender {
                 .await
                 .map_err(|e| Failure::Transport(format!("could not connect to the receiver: {e}")))?;
             let _ = tcp.set_nodelay(true);
-            // Head and body written as one buffer: per-record delivery ran
-            // 7% faster than with a vectored write of the two (batched: the
-            // same), and hyper advises it for TLS.
-            let mut handshake = hyper::client::conn::http1::Builder::new();
-            handshake.writev(false);
-            let failed = |e: hyper::Error| Failure::Transport(format!("request failed: {}", error_chain(&e)));
-            if origin.tls {
-                let tls = self.tls().map_err(Failure::Invalid)?;
-                let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
-                    .map_err(|_| Failure::Invalid(format!("`{}` is not a valid TLS server name", origin.host)))?;
-                let stream = tls
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| Failure::Transport(format!("TLS handshake failed: {}", error_chain(&e))))?;
-                let (conn, driver) = handshake.handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(failed)?;
-                tokio::spawn(async move { drop(driver.await) });
-                Ok(conn)
-            } else {
-                let (conn, driver) = handshake.handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(failed)?;
-                tokio::spawn(async move { drop(driver.await) });
-                Ok(conn)
+            if !origin.tls {
+                return http1(tcp).await;
             }
+            let tls = self.tls().map_err(Failure::Invalid)?;
+            let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
+                .map_err(|_| Failure::Invalid(format!("`{}` is not a valid TLS server name", origin.host)))?;
+            let stream = tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| Failure::Transport(format!("TLS handshake failed: {}", error_chain(&e))))?;
+            http1(stream).await
         };
         match tokio::time::timeout(self.inner.connect_timeout, connect).await {
             Ok(result) => result,
@@ -399,6 +388,23 @@ impl Sender {
         let step = base.saturating_mul(1u64 << (attempt - 1).min(20));
         Duration::from_millis(step / 2 + fastrand::u64(0..=step / 2))
     }
+}
+
+/// An HTTP/1.1 connection over `io`, driven by a task of its own.
+async fn http1<T>(io: T) -> Result<Connection, Failure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    // Head and body written as one buffer: per-record delivery ran 7%
+    // faster than with a vectored write of the two (batched: the same), and
+    // hyper advises it for TLS.
+    let (conn, driver) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::Transport(format!("request failed: {}", error_chain(&e))))?;
+    tokio::spawn(async move { drop(driver.await) });
+    Ok(conn)
 }
 
 fn retry_without_status(reason: String) -> Attempt {
