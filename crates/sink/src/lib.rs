@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod encode;
+mod http1;
 pub mod request;
 pub mod send;
 pub mod signing;

@@ -9,7 +9,7 @@ use crate::url::{UrlTemplate, flatten, scalar_text};
 use crate::{SinkError, signing};
 use backflow_core::env::Env;
 use backflow_core::{Change, Record};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// A request ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct HttpRequest {
     /// The full URL.
     pub url: String,
     /// The request target sent: the URL's path and query.
-    pub target: hyper::Uri,
+    pub target: http::Uri,
     /// Headers, in order (configured ones first), checked and parsed once
     /// per destination rather than per request.
     pub headers: HeaderMap,
@@ -250,7 +250,9 @@ impl Destination {
                 None if self.batch_size == 1 => encoder.encode(first),
                 None => encoder.array(records),
             };
-            headers.append(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if !headers.contains_key(http::header::CONTENT_TYPE) {
+                headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
             (route.url.render(&first.route, &params)?, bytes::Bytes::from(body))
         };
         let target = origin_form(&url)?;
@@ -329,17 +331,17 @@ pub struct Batch {
 /// written when it is a valid URI; characters a URI may not hold as written
 /// (spaces, non-ASCII in the configured URL) are encoded the way URL
 /// parsers do.
-fn origin_form(url: &str) -> Result<hyper::Uri, String> {
+fn origin_form(url: &str) -> Result<http::Uri, String> {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let rest = url[after_scheme..].find(['/', '?', '#']).map_or("", |i| &url[after_scheme + i..]);
     let rest = rest.split('#').next().unwrap_or_default();
     let target = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
-    match hyper::Uri::try_from(target) {
+    match http::Uri::try_from(target) {
         Ok(uri) => Ok(uri),
         Err(_) => {
             let url = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
             let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
-            hyper::Uri::try_from(target).map_err(|e| format!("bad URL: {e}"))
+            http::Uri::try_from(target).map_err(|e| format!("bad URL: {e}"))
         }
     }
 }
@@ -360,6 +362,9 @@ fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Si
     let err = |reason: &str| SinkError::Header { name: name.to_string(), reason: reason.to_string() };
     let parsed = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| err("not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"))?;
+    if FRAMING.contains(&parsed.as_str()) {
+        return Err(err("Backflow sets this header itself for every request (it frames the request); remove it"));
+    }
     if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
         return Err(err("the value contains CR, LF or NUL, which would split the request; remove them"));
     }
@@ -367,6 +372,10 @@ fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Si
     value.set_sensitive(true);
     Ok((parsed, value))
 }
+
+/// Headers that frame a request or its connection, which Backflow writes.
+const FRAMING: [&str; 8] =
+    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"];
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const X_SIGNATURE: HeaderName = HeaderName::from_static("x-signature");
@@ -421,6 +430,23 @@ mod tests {
         let c = config(json!({"headers": {"X-Tag": "a\u{1}b"}}));
         let err = Destination::new(&c, &env).unwrap_err().to_string();
         assert!(err.contains("destination.headers.X-Tag") && err.contains("control characters"), "{err}");
+        // Headers that frame the request are Backflow's to write.
+        for name in ["Host", "Content-Length", "Transfer-Encoding", "Connection"] {
+            let c = config(json!({"headers": {name: "x"}}));
+            let err = Destination::new(&c, &env).unwrap_err().to_string();
+            assert!(err.contains(&format!("headers.{name}")) && err.contains("sets this header itself"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_configured_content_type_replaces_the_json_default() {
+        let c = config(json!({"headers": {"Content-Type": "application/vnd.api+json"}}));
+        let r = Destination::new(&c, &Env::default()).unwrap().request(&[record(1, Change::Added)], &ctx()).unwrap();
+        let types: Vec<_> = r.headers.get_all("content-type").iter().collect();
+        assert_eq!(types, ["application/vnd.api+json"]);
+        let plain = Destination::new(&config(json!({})), &Env::default()).unwrap();
+        let r = plain.request(&[record(1, Change::Added)], &ctx()).unwrap();
+        assert_eq!(r.headers["content-type"], "application/json");
     }
 
     #[test]

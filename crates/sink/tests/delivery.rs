@@ -231,3 +231,17 @@ fn bad_rates_are_refused_with_an_example() {
         serde_json::from_value::<DestinationConfig>(json!({"url": "http://x", "rate_limit": "fast"})).unwrap_err();
     assert!(err.to_string().contains("write e.g. `50/s`"), "{err}");
 }
+
+#[test]
+fn requests_carry_host_length_and_configured_headers_in_place_of_backflows() {
+    let r = Receiver::start();
+    let c = config(&r.url(), json!({"headers": {"User-Agent": "acme/1", "X-Team": "data"}, "batch_size": 2}));
+    assert!(deliver(&c, vec![record(1), record(2)]).iter().all(|(_, o)| o.is_delivered()));
+    let got = &r.requests()[0];
+    let count = |name: &str| got.headers.iter().filter(|(n, _)| n == name).count();
+    assert_eq!((count("user-agent"), got.header("user-agent")), (1, Some("acme/1")));
+    assert_eq!(got.header("x-team"), Some("data"));
+    assert_eq!(got.header("host"), Some(&r.url()["http://".len()..]));
+    assert_eq!(got.header("content-length"), Some(got.body.len().to_string().as_str()));
+    assert_eq!(got.json().as_array().map(Vec::len), Some(2));
+}
