@@ -256,6 +256,10 @@ impl Connection {
                 head.retry_after = Some(value());
             }
         }
+        if status == 101 {
+            // Switching protocols: the connection no longer speaks HTTP/1.1.
+            head.keep_alive = false;
+        }
         head.framing = if (100..200).contains(&status) || status == 204 || status == 304 {
             Framing::Empty
         } else if encoded {
@@ -448,6 +452,8 @@ mod tests {
 
     #[test]
     fn connections_the_receiver_closes_are_not_kept() {
+        let out = exchanges(vec![b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"], 4096);
+        assert_eq!(answer(&out[0]), (101, "".into(), false));
         let out = exchanges(
             vec![b"HTTP/1.1 302 Found\r\nLocation: /b\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"],
             4096,
