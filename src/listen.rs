@@ -69,24 +69,24 @@ async fn handle(
             None => String::new(),
         };
         let verdict = if verdict.is_empty() { String::new() } else { format!(" [{verdict}]") };
-        println!("  #{n:<4} {method} {target}  {summary}{verdict}  {text}");
+        say!("  #{n:<4} {method} {target}  {summary}{verdict}  {text}");
     } else {
-        println!("── #{n} {method} {target}");
+        say!("── #{n} {method} {target}");
         for (name, value) in &headers {
             let value = value.to_str().unwrap_or("<binary>");
             if is_secret_header(name.as_str()) {
-                println!("   {name}: <redacted, {} chars>", value.len());
+                say!("   {name}: <redacted, {} chars>", value.len());
             } else {
-                println!("   {name}: {value}");
+                say!("   {name}: {value}");
             }
         }
         if !verdict.is_empty() {
-            println!("   [{verdict}]");
+            say!("   [{verdict}]");
         }
         match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+            Ok(v) => say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
             Err(_) if body.is_empty() => {}
-            Err(_) => println!("{text}"),
+            Err(_) => say!("{text}"),
         }
     }
     (r.status, "ok\n")

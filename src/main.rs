@@ -1,6 +1,20 @@
 //! The `backflow` command line: argument parsing, output and exit codes over
 //! the engine.
 
+/// `println!` for command output. When the reader closed stdout
+/// (`backflow … | head`) the rest of the output is dropped quietly instead
+/// of panicking; the command's work is done by the time it prints.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("warning: cannot write the output: {e}");
+            }
+        }
+    }};
+}
+
 mod listen;
 mod output;
 
@@ -137,7 +151,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+                say!("{}", serde_json::json!({"error": format!("{e:#}")}));
             }
             eprintln!("error: {e:#}");
             ExitCode::from(FATAL)
@@ -191,7 +205,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<u8> {
                 Ok(r) => {
                     out.run(r);
                     if out.json {
-                        println!("{}", serde_json::to_string(r).unwrap_or_default());
+                        say!("{}", serde_json::to_string(r).unwrap_or_default());
                     }
                 }
                 Err(e) => {
@@ -287,7 +301,7 @@ async fn run(engine: &Engine, names: &[String], full: bool, out: &output::Output
         }
     }
     if out.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        say!("{}", serde_json::to_string_pretty(&reports)?);
     }
     Ok(code)
 }

@@ -24,51 +24,56 @@ impl Output {
             .map(|s| serde_json::json!({"name": s.name, "mode": s.spec.mode, "warehouse": s.spec.warehouse}))
             .collect();
         if self.json {
-            println!("{}", pretty(&serde_json::json!({"valid": true, "syncs": syncs})));
+            say!("{}", pretty(&serde_json::json!({"valid": true, "syncs": syncs})));
             return;
         }
-        println!("ok: {} sync(s) valid", syncs.len());
+        say!("ok: {} sync(s) valid", syncs.len());
         for s in &engine.project.syncs {
-            println!("  {:<24} {:<7} warehouse {}", s.name, s.spec.mode, s.spec.warehouse);
+            say!("  {:<24} {:<7} warehouse {}", s.name, s.spec.mode, s.spec.warehouse);
         }
     }
 
     pub fn plan(&self, plan: &Plan) {
         if self.json {
-            println!("{}", pretty(plan));
+            say!("{}", pretty(plan));
             return;
         }
         let c = &plan.counts;
-        println!(
+        say!(
             "plan for {} (mode {}{}) — nothing sent, nothing committed",
             plan.sync,
             plan.mode,
             if plan.full { ", full" } else { "" }
         );
-        println!(
+        say!(
             "  rows {}: added {}, changed {}, removed {}, unchanged {}",
-            c.rows, c.added, c.changed, c.removed, c.unchanged
+            c.rows,
+            c.added,
+            c.changed,
+            c.removed,
+            c.unchanged
         );
         let ops: Vec<String> = plan.ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
         let ops = if ops.is_empty() { String::new() } else { format!(": {}", ops.join(", ")) };
-        println!("  would send {} record(s){ops}", c.to_send);
+        say!("  would send {} record(s){ops}", c.to_send);
         if c.forgotten > 0 {
-            println!("  would forget {} removed key(s) (mode {} sends nothing for them)", c.forgotten, plan.mode);
+            say!("  would forget {} removed key(s) (mode {} sends nothing for them)", c.forgotten, plan.mode);
         }
         if plan.in_warehouse {
-            println!("  diffed inside the warehouse's DuckDB (only rows that may differ were read out)");
+            say!("  diffed inside the warehouse's DuckDB (only rows that may differ were read out)");
         }
         if plan.mapping_changed {
-            println!("  the mapping changed since the last delivery: rows whose payload it changes are re-sent");
+            say!("  the mapping changed since the last delivery: rows whose payload it changes are re-sent");
         }
         if plan.invalid_keys.skipped {
-            println!(
+            say!(
                 "  skipping rows with invalid keys: {} with NULL, {} duplicated",
-                plan.invalid_keys.null_rows, plan.invalid_keys.duplicate_rows
+                plan.invalid_keys.null_rows,
+                plan.invalid_keys.duplicate_rows
             );
         }
         for (i, sample) in plan.samples.iter().enumerate() {
-            println!("  sample {}: {}", i + 1, sample);
+            say!("  sample {}: {}", i + 1, sample);
         }
     }
 
@@ -78,7 +83,7 @@ impl Output {
         }
         let c = &r.counts;
         let delivered: Vec<String> = r.delivered.iter().map(|(op, n)| format!("{op} {n}")).collect();
-        println!(
+        say!(
             "{}: {} in {:.1}s — rows {}: added {}, changed {}, removed {}, unchanged {}; delivered {}{}; rejected {}; pending {}",
             r.sync,
             r.status,
@@ -94,23 +99,25 @@ impl Output {
             r.pending
         );
         if c.forgotten > 0 {
-            println!("  forgot {} removed key(s)", c.forgotten);
+            say!("  forgot {} removed key(s)", c.forgotten);
         }
         if r.mapping_changed {
-            println!("  the mapping changed since the last delivery");
+            say!("  the mapping changed since the last delivery");
         }
         if r.invalid_keys.skipped {
-            println!(
+            say!(
                 "  skipped rows with invalid keys: {} with NULL, {} duplicated ({} keys)",
-                r.invalid_keys.null_rows, r.invalid_keys.duplicate_rows, r.invalid_keys.duplicate_keys
+                r.invalid_keys.null_rows,
+                r.invalid_keys.duplicate_rows,
+                r.invalid_keys.duplicate_keys
             );
         }
         if let Some(why) = &r.stopped_early {
-            println!("  {why}");
+            say!("  {why}");
         }
         for f in &r.failures {
             let status = f.status.map_or("-".to_string(), |s| s.to_string());
-            println!(
+            say!(
                 "  failed {} {} [{}] {}{}",
                 f.op,
                 f.key,
@@ -120,13 +127,13 @@ impl Output {
             );
         }
         if (r.rejected + r.pending) as usize > r.failures.len() {
-            println!("  (see `backflow history {} --rejections` for all)", r.sync);
+            say!("  (see `backflow history {} --rejections` for all)", r.sync);
         }
     }
 
     pub fn check(&self, r: &CheckReport) {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 serde_json::json!({
                     "sync": r.sync,
@@ -138,20 +145,20 @@ impl Output {
             return;
         }
         match &r.source {
-            Ok(columns) => println!("{}: source ok ({} columns: {})", r.sync, columns.len(), columns.join(", ")),
-            Err(e) => println!("{}: source FAILED: {e}", r.sync),
+            Ok(columns) => say!("{}: source ok ({} columns: {})", r.sync, columns.len(), columns.join(", ")),
+            Err(e) => say!("{}: source FAILED: {e}", r.sync),
         }
         match &r.destination {
-            Ok(addr) => println!("{}: destination reachable ({addr})", r.sync),
-            Err(e) => println!("{}: destination FAILED: {e}", r.sync),
+            Ok(addr) => say!("{}: destination reachable ({addr})", r.sync),
+            Err(e) => say!("{}: destination FAILED: {e}", r.sync),
         }
     }
 
     pub fn reset(&self, sync: &str, n: u64) {
         if self.json {
-            println!("{}", serde_json::json!({"sync": sync, "forgotten_keys": n}));
+            say!("{}", serde_json::json!({"sync": sync, "forgotten_keys": n}));
         } else {
-            println!("{sync}: forgot {n} delivered key(s); the next run sends every row as added");
+            say!("{sync}: forgot {n} delivered key(s); the next run sends every row as added");
         }
     }
 
@@ -169,21 +176,21 @@ impl Output {
                 }
                 out.push(v);
             }
-            println!("{}", pretty(&out));
+            say!("{}", pretty(&out));
             return Ok(());
         }
         for h in history {
             if h.running {
-                println!("{}: running now", h.sync);
+                say!("{}: running now", h.sync);
                 continue;
             }
             if h.runs.is_empty() {
-                println!("{}: never run", h.sync);
+                say!("{}: never run", h.sync);
                 continue;
             }
-            println!("{}:", h.sync);
+            say!("{}:", h.sync);
             for run in &h.runs {
-                println!(
+                say!(
                     "  {}  {:<9} {}{}  {}",
                     run.started_at,
                     run.status,
@@ -192,11 +199,11 @@ impl Output {
                     run.counts
                 );
                 if let Some(m) = &run.message {
-                    println!("    {m}");
+                    say!("    {m}");
                 }
                 if rejections {
                     for f in engine.rejections(&h.sync, &run.run_id)? {
-                        println!(
+                        say!(
                             "    failed {} {} [{}] {}",
                             f.op,
                             f.key,
@@ -212,19 +219,19 @@ impl Output {
 
     pub fn inspect(&self, sync: &str, record: &KeyRecord) {
         if self.json {
-            println!("{}", pretty(record));
+            say!("{}", pretty(record));
             return;
         }
-        println!("{sync} {}", record.key);
+        say!("{sync} {}", record.key);
         match &record.delivered {
             Some(d) => {
-                println!("  delivered {} at {} (run {}, message {})", d.op, d.delivered_at, d.run_id, d.message_id);
-                println!("  payload: {}", d.payload);
+                say!("  delivered {} at {} (run {}, message {})", d.op, d.delivered_at, d.run_id, d.message_id);
+                say!("  payload: {}", d.payload);
             }
-            None => println!("  not in the snapshot (never delivered, forgotten, or deleted)"),
+            None => say!("  not in the snapshot (never delivered, forgotten, or deleted)"),
         }
         if let Some(r) = &record.last_rejection {
-            println!(
+            say!(
                 "  last failure at {}: {} [{}] {}",
                 r.at,
                 r.op,

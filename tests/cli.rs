@@ -26,6 +26,17 @@ fn every_example_sync_validates() {
 }
 
 #[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    // `backflow validate | head -0`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = bin().arg("--project").arg(repo()).arg("validate").stdout(writer).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn demo_delivers_every_example_then_nothing_more() {
     let dir = common::example_project();
     let demo = || finish(bin().arg("--project").arg(dir.path()).arg("demo").output().unwrap());
