@@ -307,7 +307,7 @@ fn https_receivers_are_reached_when_their_certificate_is_trusted_and_only_then()
     let (receiver, ca) = Receiver::start_tls();
     let (_other, foreign_ca) = Receiver::start_tls();
     let url = receiver.https_url();
-    let p = Project::with_receiver(&sync("upsert", "").replace("{URL}", &url), receiver);
+    let p = Project::with_receiver(&sync("upsert", "  concurrency: 1\n").replace("{URL}", &url), receiver);
     std::fs::write(p.path().join("ca.pem"), ca).unwrap();
     std::fs::write(p.path().join("foreign.pem"), foreign_ca).unwrap();
     p.sql("insert into items values (1, 'a', 1)");
@@ -325,4 +325,13 @@ fn https_receivers_are_reached_when_their_certificate_is_trusted_and_only_then()
     assert_eq!(requests[0].target, "/hook");
     assert_eq!(requests[0].header("host").map(|h| h.starts_with("localhost:")), Some(true));
     assert_eq!(requests[0].json()["name"], "a");
+
+    // Later requests of a run go over the one kept TLS connection.
+    p.sql("insert into items select i, 'b' || i, i from range(2, 12) t(i)");
+    let more = finish(p.cmd(&["run", "s"]).env("SSL_CERT_FILE", p.path().join("ca.pem")).output().unwrap());
+    assert_eq!(more.code, 0, "{}", more.all());
+    let requests = p.receiver.requests();
+    assert_eq!(requests.len(), 11);
+    let ports: std::collections::HashSet<u16> = requests[1..].iter().map(|r| r.peer_port).collect();
+    assert_eq!(ports.len(), 1, "one connection for the ten requests of the second run");
 }
