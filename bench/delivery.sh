@@ -9,8 +9,7 @@
 #   3. wall time of a 1,000,000-row first sync, DuckDB -> batched webhook
 #      (target <= 10 s);
 # and, for comparison, batched delivery of a re-sync in which every row
-# changed (its fold copies payloads into the snapshot; a first sync's
-# outbox becomes the snapshot instead).
+# changed (its outbox, like a first sync's, becomes the snapshot).
 # Usage: bench/delivery.sh [ROWS_PER_RECORD=100000] [ROWS_BATCHED=1000000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,7 +98,7 @@ bat_rps = sum(bat["delivered"].values()) / bat["send_seconds"]
 print(f"per-record: median ratio {statistics.median(ratios):.2f} of wrk at concurrency 8 (target >= 0.8)")
 print(f"batched (1000/request): {bat_rps:,.0f} rows/s while sending (target >= 1,000,000)")
 resync_rps = sum(resync["delivered"].values()) / resync["send_seconds"]
-print(f"batched re-sync, every row changed: {resync_rps:,.0f} rows/s while sending (for comparison: its fold copies)")
+print(f"batched re-sync, every row changed: {resync_rps:,.0f} rows/s while sending (for comparison)")
 print(f"first sync of {bat['counts']['rows']:,} rows end to end: {end - start:.1f} s wall "
       f"(stage+diff {bat['seconds'] - bat['send_seconds']:.1f} s, send {bat['send_seconds']:.1f} s; target <= 10 s)")
 PY

@@ -621,11 +621,17 @@ impl StateStore {
         if pending == 0 {
             return Ok(0);
         }
-        let first = self.count("SELECT count(*) FROM snapshot")? == 0;
-        // Every outbox row acked (the ranges are disjoint), none a removal,
-        // all by one run.
-        if first
-            && self.count("SELECT if(bool_or(change = 'removed'), -1, count(*))::BIGINT FROM outbox")? == pending
+        let snapshot_rows = self.count("SELECT count(*) FROM snapshot")?;
+        let first = snapshot_rows == 0;
+        // Every outbox row acked (the ranges are disjoint), by one run, and
+        // fewer snapshot rows to keep than delivered rows to copy.
+        let (outbox_rows, replacing): (i64, i64) =
+            self.conn.query_row("SELECT count(*), count(*) FILTER (WHERE change <> 'added') FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let kept = snapshot_rows.saturating_sub(replacing as u64);
+        if outbox_rows as u64 == pending
+            && kept <= pending
             && self.count("SELECT count(DISTINCT run_id) FROM acked")? == 1
         {
             self.outbox_becomes_snapshot()?;
@@ -648,26 +654,34 @@ impl StateStore {
         Ok(pending)
     }
 
-    /// The fold of a first delivery that was acknowledged whole (an empty
-    /// snapshot, every record delivered, by one run): the outbox already
-    /// holds what the snapshot must, so it becomes the snapshot instead of
-    /// being copied into it — its payloads are written once per run instead
-    /// of twice, which was most of the cost of a first sync's fold. Its rows
-    /// keep their row numbers, and the acknowledged ranges are kept to tell
-    /// when each was delivered (setting the time on every row cost as much
-    /// as the copy). Only these rows have row numbers: the snapshot was
-    /// empty, so the ranges of an earlier such fold are dropped.
+    /// The fold of a delivery acknowledged whole (every record, by one
+    /// run) that replaces most of the snapshot, such as a first delivery:
+    /// the outbox becomes the snapshot, with the snapshot rows it does not
+    /// replace or remove copied into it, instead of every delivered payload
+    /// being copied into the snapshot — payloads are written once per run
+    /// instead of twice, which was most of a fold's cost. The delivered rows
+    /// keep their row numbers, and this run's acknowledged ranges are kept to
+    /// tell when each was delivered (setting the time on every row cost as
+    /// much as the copy); the kept rows take their delivery time along and
+    /// drop their row numbers, whose ranges go.
     fn outbox_becomes_snapshot(&self) -> Result<(), DiffError> {
         let run_id: String = self.conn.query_row("SELECT any_value(run_id) FROM acked", [], |r| r.get(0))?;
         self.transaction(|conn| {
             conn.execute_batch(&format!(
-                "DROP TABLE snapshot;
+                "ALTER TABLE outbox ADD COLUMN message_id VARCHAR;
+                 ALTER TABLE outbox ADD COLUMN run_id VARCHAR DEFAULT {run_id};
+                 ALTER TABLE outbox ALTER COLUMN run_id DROP DEFAULT;
+                 ALTER TABLE outbox ADD COLUMN delivered_at VARCHAR;
+                 INSERT INTO outbox (key, change, op, fingerprint, payload, route, row_hash, row_num, message_id, run_id, delivered_at)
+                 SELECT s.key, 'kept', s.op, s.fingerprint, s.payload, s.route, s.row_hash, NULL, s.message_id, s.run_id,
+                        coalesce(s.delivered_at, r.delivered_at)
+                 FROM snapshot s
+                 LEFT JOIN delivered_ranges r ON s.row_num BETWEEN r.first_row AND r.last_row
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.key = s.key);
+                 DELETE FROM outbox WHERE change = 'removed';
+                 ALTER TABLE outbox DROP COLUMN change;
+                 DROP TABLE snapshot;
                  ALTER TABLE outbox RENAME TO snapshot;
-                 ALTER TABLE snapshot DROP COLUMN change;
-                 ALTER TABLE snapshot ADD COLUMN message_id VARCHAR;
-                 ALTER TABLE snapshot ADD COLUMN run_id VARCHAR DEFAULT {run_id};
-                 ALTER TABLE snapshot ALTER COLUMN run_id DROP DEFAULT;
-                 ALTER TABLE snapshot ADD COLUMN delivered_at VARCHAR;
                  DELETE FROM delivered_ranges;
                  INSERT INTO delivered_ranges SELECT first_row, last_row, delivered_at FROM acked;
                  DELETE FROM acked;",

@@ -314,7 +314,7 @@ fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
         [1, 2, 3].map(|id| at(id).delivered_at)
     };
     // The snapshot keeps its columns and constraints, and later runs diff
-    // against it (and fold by copying) as against any other.
+    // against it as against any other.
     let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
     let not_null: Vec<String> = conn
         .prepare(
@@ -327,10 +327,8 @@ fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(not_null, ["fingerprint", "key", "op", "payload", "run_id"]);
-    let outbox: i64 =
-        conn.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'outbox'", [], |r| r.get(0)).unwrap();
-    assert_eq!(outbox, 0, "the outbox became the snapshot");
     drop(conn);
+    assert!(!outbox_table_left(dir.path()), "the outbox became the snapshot");
     let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
     assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (2, "b"), (3, "c")]));
     stage(&store, &[(1, "a"), (2, "B")]);
@@ -340,4 +338,53 @@ fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
     store.fold_acks().unwrap();
     assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (2, "B")]));
     assert_eq!(store.lookup(&key(1)).unwrap().delivered.unwrap().delivered_at, times[0], "kept from the first run");
+}
+
+/// Whether the state file still holds an outbox table (a fold that copies
+/// leaves it; a fold that turns it into the snapshot does not).
+fn outbox_table_left(dir: &std::path::Path) -> bool {
+    let conn = duckdb::Connection::open(StateStore::path(dir, "s")).unwrap();
+    let n: i64 =
+        conn.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'outbox'", [], |r| r.get(0)).unwrap();
+    n == 1
+}
+
+#[test]
+fn a_delivery_that_replaces_most_of_the_snapshot_becomes_it_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ack_all = |store: &StateStore, run_id: &str| {
+        let rows: Vec<u64> = store.outbox_page(0, 100).unwrap().iter().map(|r| r.row_num).collect();
+        store.ack(run_id, &rows).unwrap();
+        store.fold_acks().unwrap();
+    };
+    let first_time = {
+        let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+        stage(&store, &[(1, "a"), (2, "b"), (3, "c"), (4, "d")]);
+        store.diff(Mode::Mirror, false).unwrap();
+        ack_all(&store, "run-1");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // Two changes and a removal replace three of the four rows.
+        stage(&store, &[(1, "a"), (2, "B"), (3, "C")]);
+        let counts = store.diff(Mode::Mirror, false).unwrap();
+        assert_eq!((counts.unchanged, counts.changed, counts.removed), (1, 2, 1));
+        ack_all(&store, "run-2");
+        assert_eq!(snapshot(&store, &[1, 2, 3, 4]), snap(&[(1, "a"), (2, "B"), (3, "C")]));
+        let one = store.lookup(&key(1)).unwrap().delivered.unwrap();
+        let two = store.lookup(&key(2)).unwrap().delivered.unwrap();
+        assert_eq!((one.run_id.as_str(), two.run_id.as_str()), ("run-1", "run-2"));
+        assert!(one.delivered_at < two.delivered_at, "the kept row keeps its own delivery time");
+        one.delivered_at
+    };
+    assert!(!outbox_table_left(dir.path()), "the outbox became the snapshot");
+
+    // One new row beside three kept ones: copied into the snapshot.
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    stage(&store, &[(1, "a"), (2, "B"), (3, "C"), (5, "e")]);
+    assert_eq!(store.diff(Mode::Mirror, false).unwrap().added, 1);
+    ack_all(&store, "run-3");
+    assert_eq!(snapshot(&store, &[1, 2, 3, 4, 5]), snap(&[(1, "a"), (2, "B"), (3, "C"), (5, "e")]));
+    assert_eq!(store.lookup(&key(1)).unwrap().delivered.unwrap().delivered_at, first_time);
+    assert_eq!(store.lookup(&key(5)).unwrap().delivered.unwrap().run_id, "run-3");
+    drop(store);
+    assert!(outbox_table_left(dir.path()), "a small delivery is copied");
 }
