@@ -149,25 +149,17 @@ impl Connection {
     /// `keep` bytes of its body. Also says whether the connection can carry
     /// another request.
     pub(crate) async fn exchange(&mut self, request: &[u8], keep: usize) -> Result<(Answer, bool), Error> {
-        if let Err(e) = self.write(request).await {
-            // A receiver that refuses a request may answer and close before
-            // reading all of it: its answer counts when it came whole.
-            return match self.read_head(false).await {
-                Ok(head) => Ok((
-                    Answer {
-                        status: head.status,
-                        location: head.location,
-                        retry_after: head.retry_after,
-                        body: Ok(Vec::new()),
-                    },
-                    false,
-                )),
-                Err(_) => Err(Error::Closed(format!("the request could not be written: {e}"))),
-            };
-        }
-        let head = self.read_head(true).await?;
+        // A receiver that refuses a request may answer and close before
+        // reading all of it: its answer counts when it comes whole.
+        let written = self.write(request).await;
+        let head = match (self.read_head().await, written.as_ref()) {
+            (Ok(head), _) => head,
+            (Err(e), Ok(())) => return Err(e),
+            (Err(_), Err(e)) => return Err(Error::Closed(format!("the request could not be written: {e}"))),
+        };
         let body = self.read_body(head.framing, keep).await;
-        let reusable = head.keep_alive && head.framing != Framing::Close && body.is_ok() && self.buf.is_empty();
+        let reusable =
+            written.is_ok() && head.keep_alive && head.framing != Framing::Close && body.is_ok() && self.buf.is_empty();
         Ok((Answer { status: head.status, location: head.location, retry_after: head.retry_after, body }, reusable))
     }
 
@@ -184,9 +176,9 @@ impl Connection {
         self.stream.read_buf(&mut self.buf).await
     }
 
-    /// Reads the answer's head, skipping interim (1xx) answers. With
-    /// `closed_is_first`, a close before any byte is [`Error::Closed`].
-    async fn read_head(&mut self, closed_is_first: bool) -> Result<Head, Error> {
+    /// Reads the answer's head, skipping interim (1xx) answers. A close
+    /// before any byte is [`Error::Closed`].
+    async fn read_head(&mut self) -> Result<Head, Error> {
         let mut received = false;
         loop {
             if let Some(head) = self.parse_head()? {
@@ -200,14 +192,13 @@ impl Connection {
             }
             match self.fill().await {
                 Ok(0) if !received && self.buf.is_empty() => {
-                    let reason = "the receiver closed the connection without answering".to_string();
-                    return Err(if closed_is_first { Error::Closed(reason) } else { Error::Broken(reason) });
+                    return Err(Error::Closed("the receiver closed the connection without answering".into()));
                 }
                 Ok(0) => {
                     return Err(Error::Broken("the receiver closed the connection in the middle of its answer".into()));
                 }
                 Ok(_) => received = true,
-                Err(e) if !received && self.buf.is_empty() && closed_is_first => {
+                Err(e) if !received && self.buf.is_empty() => {
                     return Err(Error::Closed(format!("the connection broke before an answer: {e}")));
                 }
                 Err(e) => return Err(Error::Broken(format!("reading the answer failed: {e}"))),

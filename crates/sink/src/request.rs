@@ -113,6 +113,9 @@ impl Destination {
             let (name, value) = check_header(name, &value)?;
             headers.append(name, value);
         }
+        if !headers.contains_key(http::header::USER_AGENT) {
+            headers.insert(http::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        }
         let signer = match &config.signing {
             Some(s) => {
                 let secret = expand("signing.secret", &s.secret)?;
@@ -376,6 +379,9 @@ fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Si
 /// Headers that frame a request or its connection, which Backflow writes.
 const FRAMING: [&str; 8] =
     ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"];
+
+/// Sent unless a `User-Agent` is configured.
+const USER_AGENT: &str = concat!("backflow/", env!("CARGO_PKG_VERSION"));
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const X_SIGNATURE: HeaderName = HeaderName::from_static("x-signature");

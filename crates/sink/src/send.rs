@@ -95,9 +95,9 @@ struct Origin {
 
 impl Origin {
     /// `request` as written on the wire: request line, headers (the `Host`
-    /// line first; a configured `User-Agent` or `Authorization` in place of
-    /// Backflow's), `Content-Length` for a body, then the body, in one
-    /// buffer for one write.
+    /// line first, then `Authorization` from credentials in the URL unless
+    /// one is configured), `Content-Length` for a body, then the body, in
+    /// one buffer for one write.
     fn write(&self, request: &HttpRequest) -> Vec<u8> {
         let target = request.target.path_and_query().map_or("/", |p| p.as_str());
         let headers_len: usize = request.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
@@ -107,9 +107,6 @@ impl Origin {
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         out.extend_from_slice(&self.host_line);
-        if !request.headers.contains_key(http::header::USER_AGENT) {
-            out.extend_from_slice(USER_AGENT_LINE.as_bytes());
-        }
         if let Some(auth) = &self.auth_line
             && !request.headers.contains_key(http::header::AUTHORIZATION)
         {
@@ -145,8 +142,6 @@ enum Failure {
     /// No connection, a broken exchange or no answer in time.
     Transport(String),
 }
-
-const USER_AGENT_LINE: &str = concat!("user-agent: backflow/", env!("CARGO_PKG_VERSION"), "\r\n");
 
 impl Sender {
     /// A sender with the destination's timeouts, retry policy and rate limit.
