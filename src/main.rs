@@ -131,13 +131,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // sqlx logs each statement it runs, which may hold the expanded
+    // values of `${VAR}` references in a query: it logs warnings only.
     let filter = match cli.verbose {
         0 => "warn",
-        1 => "info",
-        _ => "debug",
+        1 => "info,sqlx=warn",
+        _ => "debug,sqlx=warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BACKFLOW_LOG").unwrap_or_else(|_| filter.into()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -147,39 +150,57 @@ fn main() -> ExitCode {
             return ExitCode::from(FATAL);
         }
     };
-    match runtime.block_on(execute(&cli)) {
+    // One environment for the command: what it expands is redacted from
+    // every error printed.
+    let env = Env::process();
+    match runtime.block_on(execute(&cli, &env)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            let message = env.redact(&describe(&e));
             if cli.json {
-                say!("{}", serde_json::json!({"error": format!("{e:#}")}));
+                say!("{}", serde_json::json!({"error": message}));
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {message}");
             ExitCode::from(FATAL)
         }
     }
+}
+
+/// An error with its causes, each said once: a cause whose text its
+/// error already carries is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn load(cli: &Cli, env: Env) -> Result<Engine, EngineError> {
     Engine::load(&cli.project, env)
 }
 
-async fn execute(cli: &Cli) -> anyhow::Result<u8> {
+async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
     let out = output::Output { json: cli.json };
     match &cli.command {
         Command::Validate => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             out.validated(&engine);
             Ok(OK)
         }
         Command::Plan { sync, full } => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let progress = output::TerminalProgress::new(cli.json);
             let plan = engine.plan(sync, *full, &progress)?;
             out.plan(&plan);
             Ok(OK)
         }
         Command::Check { syncs } => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let names =
                 if syncs.is_empty() { selected(&engine, syncs, true)? } else { selected(&engine, syncs, false)? };
             let mut code = OK;
@@ -193,12 +214,12 @@ async fn execute(cli: &Cli) -> anyhow::Result<u8> {
             Ok(code)
         }
         Command::Run { syncs, all, full } => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let names = selected(&engine, syncs, *all)?;
             run(&engine, &names, *full, &out).await
         }
         Command::Serve => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let progress = output::TerminalProgress::new(true);
             let mut failed = false;
             let mut report = |name: &str, result: Result<&backflow_engine::RunReport, &EngineError>| match result {
@@ -210,7 +231,11 @@ async fn execute(cli: &Cli) -> anyhow::Result<u8> {
                 }
                 Err(e) => {
                     failed = true;
-                    eprintln!("error: sync `{name}`: {e}");
+                    let mut message = engine.env.redact(&e.to_string());
+                    if !message.contains(&format!("`{name}`")) {
+                        message = format!("sync `{name}`: {message}");
+                    }
+                    eprintln!("error: {message}");
                 }
             };
             eprintln!(
@@ -225,19 +250,19 @@ async fn execute(cli: &Cli) -> anyhow::Result<u8> {
             Ok(if failed { INCOMPLETE } else { OK })
         }
         Command::Reset { sync } => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let n = engine.reset(sync)?;
             out.reset(sync, n);
             Ok(OK)
         }
         Command::History { syncs, limit, rejections } => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let history = engine.history(syncs, *limit)?;
             out.history(&engine, &history, *rejections)?;
             Ok(OK)
         }
         Command::Inspect { sync, key } => {
-            let engine = load(cli, Env::process())?;
+            let engine = load(cli, env.clone())?;
             let record = engine.inspect(sync, key)?;
             out.inspect(sync, &record);
             Ok(OK)
@@ -245,8 +270,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<u8> {
         Command::Listen { port, secret_env, status, quiet } => {
             let secret = match secret_env {
                 Some(var) => Some(
-                    Env::process()
-                        .get(var)
+                    env.get(var)
                         .with_context(|| format!("--secret-env {var}: the variable is not set"))?
                         .into_bytes(),
                 ),
@@ -262,7 +286,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<u8> {
             listen::serve(listener, receiver).await?;
             Ok(OK)
         }
-        Command::Demo => demo(cli, &out).await,
+        Command::Demo => demo(cli, env, &out).await,
     }
 }
 
@@ -295,8 +319,12 @@ async fn run(engine: &Engine, names: &[String], full: bool, out: &output::Output
             }
             Err(e) => {
                 code = FATAL;
-                eprintln!("error: {e}");
-                reports.push(serde_json::json!({"sync": name, "error": e.to_string()}));
+                let mut message = engine.env.redact(&e.to_string());
+                if !message.contains(&format!("`{name}`")) {
+                    message = format!("sync `{name}`: {message}");
+                }
+                eprintln!("error: {message}");
+                reports.push(serde_json::json!({"sync": name, "error": message}));
             }
         }
     }
@@ -308,7 +336,7 @@ async fn run(engine: &Engine, names: &[String], full: bool, out: &output::Output
 
 /// `backflow demo`: a receiver on a free local port, every sync run against
 /// it (the example syncs read `${BACKFLOW_DEMO_URL}`), what arrived printed.
-async fn demo(cli: &Cli, out: &output::Output) -> anyhow::Result<u8> {
+async fn demo(cli: &Cli, env: &Env, out: &output::Output) -> anyhow::Result<u8> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let url = format!("http://{}", listener.local_addr()?);
     let secret = "demo-secret";
@@ -320,7 +348,7 @@ async fn demo(cli: &Cli, out: &output::Output) -> anyhow::Result<u8> {
         count: Default::default(),
     });
     tokio::spawn(listen::serve(listener, receiver.clone()));
-    let env = Env::process().with("BACKFLOW_DEMO_URL", &url).with("BACKFLOW_DEMO_SECRET", secret);
+    let env = env.clone().with("BACKFLOW_DEMO_URL", &url).with("BACKFLOW_DEMO_SECRET", secret);
     let engine = load(cli, env)?;
     let (embedded, servers): (Vec<_>, Vec<_>) =
         engine.project.syncs.iter().partition(|s| engine.project.is_embedded(s));

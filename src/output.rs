@@ -230,6 +230,16 @@ impl Output {
             }
             None => say!("  not in the snapshot (never delivered, forgotten, or deleted)"),
         }
+        if let Some(u) = &record.unconfirmed {
+            say!(
+                "  possibly delivered: {} sent by run {} (message {}) without an acknowledgement; the next run sends it \
+                 again or deletes the key",
+                u.op,
+                u.run_id,
+                u.message_id
+            );
+            say!("  payload: {}", u.payload);
+        }
         if let Some(r) = &record.last_rejection {
             say!(
                 "  last failure at {}: {} [{}] {}",

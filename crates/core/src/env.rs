@@ -32,7 +32,14 @@ pub struct MissingVar {
 #[derive(Debug, Clone, Default)]
 pub struct Env {
     overrides: HashMap<String, String>,
+    /// Every value a reference was expanded to, with the variable's name
+    /// (shared by clones), for [`Env::redact`].
+    expanded: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
+
+/// Values shorter than this are not redacted: they cannot be secrets, and
+/// replacing them would garble messages.
+const SECRET_LEN: usize = 6;
 
 impl Env {
     /// The process environment.
@@ -59,7 +66,10 @@ impl Env {
         for r in references(text) {
             out.push_str(&text[rest..r.offset]);
             let value = match (self.get(&r.name), &r.fallback) {
-                (Some(v), _) => v,
+                (Some(v), _) => {
+                    self.remember(&r.name, &v);
+                    v
+                }
                 (None, Some(f)) => f.clone(),
                 (None, None) => return Err(MissingVar { name: r.name }),
             };
@@ -68,6 +78,33 @@ impl Env {
         }
         out.push_str(&text[rest..]);
         Ok(out)
+    }
+
+    fn remember(&self, name: &str, value: &str) {
+        if value.len() < SECRET_LEN {
+            return;
+        }
+        let mut expanded = self.expanded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !expanded.iter().any(|(v, _)| v == value) {
+            expanded.push((value.to_string(), name.to_string()));
+            // Longest first, so a value inside another is not replaced first.
+            expanded.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
+        }
+    }
+
+    /// `text` with every value a reference was expanded to (of six
+    /// characters or more) written back as the reference, `${NAME}`: for
+    /// messages that may echo expanded configuration, such as a warehouse's
+    /// error quoting the query, or a receiver's answer echoing a header.
+    pub fn redact(&self, text: &str) -> String {
+        let expanded = self.expanded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut out = text.to_string();
+        for (value, name) in expanded.iter() {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), &format!("${{{name}}}"));
+            }
+        }
+        out
     }
 
     /// The first reference in `text` that cannot be resolved, if any.
@@ -119,6 +156,18 @@ mod tests {
         assert_eq!(env.expand("Bearer ${BF_TEST_TOKEN}").unwrap(), "Bearer s3cret");
         assert_eq!(env.expand("${BF_TEST_UNSET_1:-http://x}/a").unwrap(), "http://x/a");
         assert_eq!(env.expand("cost: $5 ${not a ref}").unwrap(), "cost: $5 ${not a ref}");
+    }
+
+    #[test]
+    fn expanded_values_are_redacted_back_to_their_reference() {
+        let env = Env::default().with("BF_TEST_TOKEN", "s3cret-token").with("BF_TEST_SHORT", "on");
+        let clone = env.clone();
+        assert_eq!(env.expand("${BF_TEST_TOKEN} ${BF_TEST_SHORT}").unwrap(), "s3cret-token on");
+        assert_eq!(
+            clone.redact("error near 's3cret-token' (on)"),
+            "error near '${BF_TEST_TOKEN}' (on)",
+            "clones share what was expanded; short values are left"
+        );
     }
 
     #[test]

@@ -165,7 +165,8 @@ pub struct Record {
     pub op: Op,
     /// 1-based position within the run.
     pub row_num: u64,
-    /// Deterministic id for (sync, key, op, fingerprint).
+    /// Deterministic id of this occurrence of the change
+    /// ([`message_id`]).
     pub message_id: String,
 }
 
@@ -193,13 +194,23 @@ pub fn fingerprint_request(payload_json: &str, route_json: Option<&str>) -> u64 
     }
 }
 
-/// The deterministic message id of a change: a UUIDv5 over the sync name, the
-/// key text, the op and the fingerprint. A change re-sent after a retry or a
-/// crash carries the same id, so receivers can deduplicate.
-pub fn message_id(sync: &str, key_text: &str, op: Op, fingerprint: u64) -> String {
+/// The deterministic message id of one occurrence of a change: a UUIDv5
+/// over the sync name, the key text, the op, the fingerprint and the key's
+/// *generation* — a per-key count of the occurrences that may have reached
+/// the receiver, kept in the state (the first occurrence of a key is
+/// generation 1). A change re-sent after a retry or a crash keeps its
+/// generation and so its id; a new occurrence (a value changing A→B→A, a key
+/// deleted, listed again and deleted again) has a higher generation and so
+/// a new id.
+///
+/// Generation 1 hashes no generation at all, which is the id earlier
+/// versions gave every change: state they wrote is taken over with the ids
+/// already sent.
+pub fn message_id(sync: &str, key_text: &str, op: Op, fingerprint: u64, generation: u64) -> String {
     // `Uuid::new_v5(NAMESPACE, "{sync}\0{key}\0{op}\0{fingerprint:016x}")`,
-    // hashed in pieces with a SHA-1 that uses the CPU's SHA instructions:
-    // ids are computed for every record sent.
+    // followed by `\0{generation}` from generation 2, hashed in pieces
+    // with a SHA-1 that uses the CPU's SHA instructions: ids are computed
+    // for every record sent.
     use sha1::Digest;
     let mut fingerprint_hex = [0u8; 16];
     hex::encode_to_slice(fingerprint.to_be_bytes(), &mut fingerprint_hex).expect("16 hex digits");
@@ -207,6 +218,10 @@ pub fn message_id(sync: &str, key_text: &str, op: Op, fingerprint: u64) -> Strin
     sha.update(NAMESPACE.as_bytes());
     for part in [sync.as_bytes(), b"\0", key_text.as_bytes(), b"\0", op.as_str().as_bytes(), b"\0", &fingerprint_hex] {
         sha.update(part);
+    }
+    if generation > 1 {
+        sha.update(b"\0");
+        sha.update(itoa::Buffer::new().format(generation).as_bytes());
     }
     let digest = sha.finalize();
     let bytes: [u8; 16] = digest[..16].try_into().expect("a SHA-1 digest has 20 bytes");
@@ -224,7 +239,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn message_ids_are_the_uuidv5_of_sync_key_op_and_fingerprint() {
+    fn message_ids_are_the_uuidv5_of_sync_key_op_fingerprint_and_generation() {
         for (sync, key, op, fingerprint) in [
             ("crm", r#"{"id":1}"#, Op::Upsert, 0u64),
             ("s", r#"{"email":"é\u0000x"}"#, Op::Delete, u64::MAX),
@@ -232,8 +247,13 @@ mod tests {
         ] {
             let name = format!("{sync}\u{0}{key}\u{0}{op}\u{0}{fingerprint:016x}");
             assert_eq!(
-                message_id(sync, key, op, fingerprint),
-                uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+                message_id(sync, key, op, fingerprint, 1),
+                uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string(),
+                "the first generation has the id earlier versions sent"
+            );
+            assert_eq!(
+                message_id(sync, key, op, fingerprint, 12),
+                uuid::Uuid::new_v5(&NAMESPACE, format!("{name}\u{0}12").as_bytes()).to_string()
             );
         }
     }
@@ -258,12 +278,13 @@ mod tests {
 
     #[test]
     fn message_id_is_deterministic_and_distinguishes_its_inputs() {
-        let a = message_id("s", r#"{"id":1}"#, Op::Upsert, 7);
-        assert_eq!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 7));
-        assert_ne!(a, message_id("t", r#"{"id":1}"#, Op::Upsert, 7));
-        assert_ne!(a, message_id("s", r#"{"id":2}"#, Op::Upsert, 7));
-        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Delete, 7));
-        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 8));
+        let a = message_id("s", r#"{"id":1}"#, Op::Upsert, 7, 1);
+        assert_eq!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 7, 1));
+        assert_ne!(a, message_id("t", r#"{"id":1}"#, Op::Upsert, 7, 1));
+        assert_ne!(a, message_id("s", r#"{"id":2}"#, Op::Upsert, 7, 1));
+        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Delete, 7, 1));
+        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 8, 1));
+        assert_ne!(a, message_id("s", r#"{"id":1}"#, Op::Upsert, 7, 2), "a later occurrence");
         assert_eq!(a.len(), 36);
     }
 

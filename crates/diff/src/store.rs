@@ -57,15 +57,35 @@ CREATE TABLE IF NOT EXISTS delivered_ranges (
     last_row BIGINT NOT NULL,
     delivered_at VARCHAR NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending (
+    key VARCHAR NOT NULL,
+    op VARCHAR NOT NULL,
+    fingerprint UBIGINT NOT NULL,
+    payload VARCHAR,
+    route VARCHAR,
+    gen BIGINT NOT NULL,
+    run_id VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS retired (key VARCHAR NOT NULL, gen BIGINT NOT NULL);
 ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
 ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS row_num BIGINT;
+ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS gen BIGINT;
 ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
+ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS gen BIGINT;
 ";
+
+/// The setting that names the run whose delivery of the outbox began
+/// ([`StateStore::begin_delivery`]).
+const DELIVERY: &str = "delivering";
 
 /// The state of one sync, opened exclusively.
 pub struct StateStore {
     pub(crate) conn: Connection,
     sync: String,
+    /// The state file.
+    path: std::path::PathBuf,
+    /// The sync's run lock, held while the store is open.
+    _lock: std::fs::File,
     /// The state database's catalog name (to name its tables while a
     /// warehouse is the default catalog).
     pub(crate) catalog: String,
@@ -123,6 +143,9 @@ pub struct OutboxRow {
     pub payload: String,
     /// The URL's column values as JSON text, when the URL needs any.
     pub route: Option<String>,
+    /// The key's generation for this occurrence (see
+    /// [`backflow_core::message_id`]).
+    pub generation: u64,
 }
 
 /// A record the receiver refused, or that could not be delivered.
@@ -176,6 +199,22 @@ pub struct KeyRecord {
     pub delivered: Option<Delivered>,
     /// The last rejection of this key, if any.
     pub last_rejection: Option<Rejection>,
+    /// A delivery that may have reached the receiver but was never
+    /// acknowledged (the next run sends it again, or deletes the key).
+    pub unconfirmed: Option<Unconfirmed>,
+}
+
+/// A record sent (or about to be) whose acknowledgement was never recorded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Unconfirmed {
+    /// The op sent.
+    pub op: String,
+    /// The payload sent (JSON).
+    pub payload: serde_json::Value,
+    /// The message id it carried.
+    pub message_id: String,
+    /// The run that sent it.
+    pub run_id: String,
 }
 
 /// The last successful delivery of a key.
@@ -320,6 +359,31 @@ fn migrate_if(conn: &Connection, probe: &str, statements: &str) -> Result<(), Di
     Ok(())
 }
 
+/// Which occurrence tables hold rows, so that a fold touches only those.
+#[derive(Debug, Clone, Copy)]
+struct Occurrences {
+    pending: bool,
+    retired: bool,
+}
+
+impl Occurrences {
+    /// Settles the occurrence tables for delivered records — `delivered`
+    /// selects their `key, change, gen`: their unconfirmed deliveries are
+    /// confirmed (dropped), a key delivered again leaves the retired keys,
+    /// and a delivered removal retires the key with its generation.
+    fn settle(self, conn: &Connection, delivered: &str) -> Result<(), duckdb::Error> {
+        if self.pending {
+            conn.execute_batch(&format!("DELETE FROM pending WHERE key IN (SELECT key FROM ({delivered}))"))?;
+        }
+        if self.retired {
+            conn.execute_batch(&format!("DELETE FROM retired WHERE key IN (SELECT key FROM ({delivered}))"))?;
+        }
+        conn.execute_batch(&format!(
+            "INSERT INTO retired SELECT key, coalesce(gen, 1) FROM ({delivered}) WHERE change = 'removed'"
+        ))
+    }
+}
+
 /// The current time as RFC 3339 UTC with milliseconds.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -339,17 +403,40 @@ impl StateStore {
         let open_err =
             |message: String| DiffError::Open { sync: sync.to_string(), path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        // The run lock: an exclusive lock on a file beside the state, which
+        // the operating system releases when the process ends, however it
+        // ends.
+        let lock_path = dir.join(format!("{sync}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| open_err(format!("cannot create the lock file {}: {e}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(DiffError::Busy {
+                    sync: sync.to_string(),
+                    detail: format!("{} is locked", lock_path.display()),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(open_err(format!("cannot lock {}: {e}", lock_path.display())));
+            }
+        }
+        let existed = path.exists();
         let config = Config::default()
             .with("autoinstall_known_extensions", "false")
             .and_then(|c| c.max_memory(memory_limit))
             .and_then(|c| c.with("temp_directory", dir.join("tmp").display().to_string()))
             .map_err(|e| open_err(e.to_string()))?;
         let conn = Connection::open_with_flags(&path, config).map_err(|e| {
-            let text = e.to_string();
-            if text.contains("lock") {
-                DiffError::Busy { sync: sync.to_string(), detail: text }
+            if existed {
+                // Backflow holds the run lock: the file cannot be read.
+                DiffError::Damaged { sync: sync.to_string(), path: path.display().to_string(), detail: e.to_string() }
             } else {
-                open_err(text)
+                open_err(e.to_string())
             }
         })?;
         // Payload text is written twice per delivered record (outbox,
@@ -362,7 +449,8 @@ impl StateStore {
         migrate_ack_log(&conn)?;
         let catalog = conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
         let counter = crate::warehouse::register_counter(&conn)?;
-        let store = StateStore { conn, sync: sync.to_string(), catalog, counter, outbox_in_memory: false };
+        let store =
+            StateStore { conn, sync: sync.to_string(), path, _lock: lock, catalog, counter, outbox_in_memory: false };
         store.fold_acks()?;
         Ok(store)
     }
@@ -425,19 +513,30 @@ impl StateStore {
     /// added and no key counts as removed (a full re-sync never mass-deletes).
     pub fn diff(&self, mode: Mode, full: bool) -> Result<DiffCounts, DiffError> {
         self.fold_acks()?;
+        // A key that may hold an unconfirmed delivery is sent again even
+        // when its row equals the confirmed one.
+        let unconfirmed = if self.has_pending()? { "OR c.key IN (SELECT key FROM pending)" } else { "" };
         // Only keys and fingerprints take part in the join; payloads are
         // fetched afterwards for the records to send, by row id, so the
-        // cost of a diff does not grow with the width of the rows.
+        // cost of a diff does not grow with the width of the rows. A key's
+        // generation so far: 0 when it was never delivered, 1 for a
+        // snapshot row written by an earlier version.
         let changes = if full {
-            "SELECT key, 'added' AS change, ord, rowid AS staged_row, NULL::BIGINT AS snapshot_row FROM staged"
+            "SELECT c.key, 'added' AS change, c.ord, c.rowid AS staged_row, NULL::BIGINT AS snapshot_row,
+                    CASE WHEN s.key IS NULL THEN 0 ELSE coalesce(s.gen, 1) END AS prior_gen
+             FROM staged c LEFT JOIN (SELECT key, gen FROM snapshot) s USING (key)"
+                .to_string()
         } else {
-            "SELECT coalesce(c.key, s.key) AS key,
+            format!(
+                "SELECT coalesce(c.key, s.key) AS key,
                     CASE WHEN s.key IS NULL THEN 'added'
                          WHEN c.key IS NULL THEN 'removed'
-                         WHEN s.fingerprint <> c.fingerprint THEN 'changed' END AS change,
-                    c.ord, c.rowid AS staged_row, s.rowid AS snapshot_row
+                         WHEN s.fingerprint <> c.fingerprint {unconfirmed} THEN 'changed' END AS change,
+                    c.ord, c.rowid AS staged_row, s.rowid AS snapshot_row,
+                    CASE WHEN s.key IS NULL THEN 0 ELSE coalesce(s.gen, 1) END AS prior_gen
              FROM (SELECT rowid, key, fingerprint, ord FROM staged) c
-             FULL OUTER JOIN (SELECT rowid, key, fingerprint FROM snapshot) s ON s.key = c.key"
+             FULL OUTER JOIN (SELECT rowid, key, fingerprint, gen FROM snapshot) s ON s.key = c.key"
+            )
         };
         let mut op_case = String::from("CASE");
         for change in Change::ALL {
@@ -448,19 +547,20 @@ impl StateStore {
         op_case.push_str(" END");
         self.conn.execute_batch(&format!(
             "CREATE OR REPLACE TEMP TABLE diff AS
-             SELECT key, change, ord, staged_row, snapshot_row, {op_case} AS op FROM ({changes})
+             SELECT key, change, ord, staged_row, snapshot_row, prior_gen, {op_case} AS op FROM ({changes})
              WHERE change IS NOT NULL;
              CREATE OR REPLACE {outbox} outbox AS
              SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
-                    key, change, op, fingerprint, payload, route, row_hash
+                    key, change, op, fingerprint, payload, route, row_hash, prior_gen + 1 AS gen
              FROM (
-                 SELECT d.key, d.change, d.op, d.ord, c.fingerprint, c.payload, c.route, NULL::UBIGINT AS row_hash
+                 SELECT d.key, d.change, d.op, d.ord, c.fingerprint, c.payload, c.route, NULL::UBIGINT AS row_hash,
+                        d.prior_gen
                  FROM diff d
                  JOIN (SELECT rowid AS staged_row, fingerprint, payload, route FROM staged
                        WHERE rowid IN (SELECT staged_row FROM diff WHERE op IS NOT NULL)) c USING (staged_row)
                  WHERE d.op IS NOT NULL
                  UNION ALL
-                 SELECT d.key, d.change, d.op, d.ord, s.fingerprint, s.payload, s.route, s.row_hash
+                 SELECT d.key, d.change, d.op, d.ord, s.fingerprint, s.payload, s.route, s.row_hash, d.prior_gen
                  FROM diff d
                  JOIN (SELECT rowid AS snapshot_row, fingerprint, payload, route, row_hash FROM snapshot
                        WHERE rowid IN (SELECT snapshot_row FROM diff WHERE op IS NOT NULL AND staged_row IS NULL)) s
@@ -489,7 +589,64 @@ impl StateStore {
             }
         }
         counts.unchanged = counts.rows - counts.added - counts.changed;
+        let unconfirmed_removals = self.settle_occurrences(mode.op_for(Change::Removed))?;
+        counts.removed += unconfirmed_removals;
+        counts.to_send += unconfirmed_removals;
         Ok(counts)
+    }
+
+    /// Whether any delivery is unconfirmed: records sent (or about to be)
+    /// whose acknowledgement was never recorded — a crash, a timeout, a
+    /// failed or rejected attempt. They are taken as *possibly delivered*.
+    pub fn has_pending(&self) -> Result<bool, DiffError> {
+        Ok(self.count("SELECT count(*) FROM (SELECT 1 FROM pending LIMIT 1)")? > 0)
+    }
+
+    /// The keys with an unconfirmed delivery.
+    pub fn pending_keys(&self) -> Result<std::collections::HashSet<String>, DiffError> {
+        let mut stmt = self.conn.prepare("SELECT key FROM pending")?;
+        let keys = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+        Ok(keys)
+    }
+
+    /// Completes a new outbox (either diff's) with what earlier deliveries
+    /// left: the generation of every record — the key's last one plus one,
+    /// or for a record equal to its unconfirmed delivery that delivery's
+    /// generation, so it is re-sent under the same message id — and, in
+    /// mirror mode, deletes for keys whose unconfirmed delivery may have
+    /// reached the receiver and which the query no longer returns (carrying
+    /// that payload). Returns the number of such deletes added.
+    pub(crate) fn settle_occurrences(&self, removed_op: Option<Op>) -> Result<u64, DiffError> {
+        if self.count("SELECT count(*) FROM (SELECT 1 FROM retired LIMIT 1)")? > 0 {
+            self.conn.execute_batch(
+                "UPDATE outbox SET gen = r.gen + 1 FROM retired r WHERE outbox.key = r.key AND outbox.change = 'added'",
+            )?;
+        }
+        if !self.has_pending()? {
+            return Ok(0);
+        }
+        let mut added = 0;
+        if removed_op == Some(Op::Delete) {
+            self.conn.execute_batch(
+                "UPDATE outbox SET payload = p.payload, fingerprint = p.fingerprint, route = p.route
+                 FROM pending p WHERE outbox.key = p.key AND outbox.change = 'removed' AND p.op <> 'delete'",
+            )?;
+            added = self.conn.execute(
+                "INSERT INTO outbox (row_num, key, change, op, fingerprint, payload, route, row_hash, gen)
+                 SELECT (SELECT coalesce(max(row_num), 0) FROM outbox) + row_number() OVER (ORDER BY p.key),
+                        p.key, 'removed', 'delete', p.fingerprint, p.payload, p.route, NULL, p.gen
+                 FROM pending p
+                 WHERE p.op <> 'delete' AND p.key NOT IN (SELECT key FROM snapshot)
+                   AND p.key NOT IN (SELECT key FROM outbox)",
+                [],
+            )? as u64;
+        }
+        self.conn.execute_batch(
+            "UPDATE outbox SET gen = CASE WHEN p.op = outbox.op AND p.fingerprint = outbox.fingerprint THEN p.gen
+                                          ELSE greatest(outbox.gen, p.gen + 1) END
+             FROM pending p WHERE outbox.key = p.key",
+        )?;
+        Ok(added)
     }
 
     /// Records to send whose payload was not staged: only possible when the
@@ -512,7 +669,10 @@ impl StateStore {
             return Ok(None);
         }
         let mut pairs = HashSet64::with_capacity_and_hasher(n as usize, Default::default());
-        let mut stmt = self.conn.prepare("SELECT key, fingerprint FROM snapshot")?;
+        // A key with an unconfirmed delivery is staged with its payload: it
+        // is sent again whatever its fingerprint.
+        let unconfirmed = if self.has_pending()? { "WHERE key NOT IN (SELECT key FROM pending)" } else { "" };
+        let mut stmt = self.conn.prepare(&format!("SELECT key, fingerprint FROM snapshot {unconfirmed}"))?;
         for batch in stmt.query_arrow([])? {
             let key = batch.column(0).as_string::<i32>();
             let fingerprint = batch.column(1).as_primitive::<UInt64Type>();
@@ -521,6 +681,11 @@ impl StateStore {
             }
         }
         Ok(Some(pairs))
+    }
+
+    /// The error for a state file that holds what Backflow never writes.
+    pub(crate) fn damaged(&self, detail: String) -> DiffError {
+        DiffError::Damaged { sync: self.sync.clone(), path: self.path.display().to_string(), detail }
     }
 
     pub(crate) fn count(&self, sql: &str) -> Result<u64, DiffError> {
@@ -535,7 +700,7 @@ impl StateStore {
         use duckdb::arrow::array::{Array, AsArray};
         use duckdb::arrow::datatypes::{Int64Type, UInt64Type};
         let mut stmt = self.conn.prepare(
-            "SELECT row_num, key, change, op, fingerprint, payload, route FROM outbox
+            "SELECT row_num, key, change, op, fingerprint, payload, route, coalesce(gen, 1) FROM outbox
              WHERE row_num > ? AND row_num <= ?",
         )?;
         let mut out = Vec::with_capacity(limit);
@@ -547,15 +712,19 @@ impl StateStore {
             let fingerprint = batch.column(4).as_primitive::<UInt64Type>();
             let payload = batch.column(5).as_string::<i32>();
             let route = batch.column(6).as_string::<i32>();
+            let generation = batch.column(7).as_primitive::<Int64Type>();
             for i in 0..batch.num_rows() {
                 out.push(OutboxRow {
                     row_num: row_num.value(i) as u64,
                     key: key.value(i).to_string(),
-                    change: Change::parse(change.value(i)).expect("diff writes known changes"),
-                    op: Op::parse(op.value(i)).expect("diff writes known ops"),
+                    change: Change::parse(change.value(i))
+                        .ok_or_else(|| self.damaged(format!("the outbox holds the change `{}`", change.value(i))))?,
+                    op: Op::parse(op.value(i))
+                        .ok_or_else(|| self.damaged(format!("the outbox holds the op `{}`", op.value(i))))?,
                     fingerprint: fingerprint.value(i),
                     payload: payload.value(i).to_string(),
                     route: (!route.is_null(i)).then(|| route.value(i).to_string()),
+                    generation: generation.value(i) as u64,
                 });
             }
         }
@@ -570,19 +739,56 @@ impl StateStore {
         let mut out = Vec::new();
         for row in rows {
             let (op, n) = row?;
-            out.push((Op::parse(&op).expect("diff writes known ops"), n as u64));
+            let parsed = Op::parse(&op).ok_or_else(|| self.damaged(format!("the outbox holds the op `{op}`")))?;
+            out.push((parsed, n as u64));
         }
         Ok(out)
     }
 
     /// Drops removed keys that the mode forgets (every mode but mirror) from
-    /// the snapshot, so a key that comes back counts as added again.
+    /// the snapshot, so a key that comes back counts as added again — with
+    /// the next generation, so as a new occurrence. Keys whose only
+    /// delivery is unconfirmed and which the query no longer returns are
+    /// forgotten too (in mirror mode they are deleted instead).
     pub fn forget_removed(&self) -> Result<u64, DiffError> {
-        let n = self.conn.execute(
-            "DELETE FROM snapshot WHERE key IN (SELECT key FROM diff WHERE change = 'removed' AND op IS NULL)",
-            [],
-        )?;
-        Ok(n as u64)
+        let pending = self.has_pending()?;
+        let mut forgotten = 0;
+        self.transaction(|conn| {
+            conn.execute_batch(
+                "CREATE OR REPLACE TEMP TABLE forgotten AS
+                 SELECT s.key, greatest(coalesce(s.gen, 1), coalesce(p.gen, 0)) AS gen
+                 FROM snapshot s LEFT JOIN pending p USING (key)
+                 WHERE s.key IN (SELECT key FROM diff WHERE change = 'removed' AND op IS NULL)",
+            )?;
+            if pending {
+                conn.execute_batch(
+                    "INSERT INTO forgotten SELECT key, gen FROM pending
+                     WHERE key NOT IN (SELECT key FROM snapshot) AND key NOT IN (SELECT key FROM outbox)",
+                )?;
+            }
+            forgotten = conn.execute(
+                "DELETE FROM snapshot WHERE key IN (SELECT key FROM forgotten WHERE key IS NOT NULL)",
+                [],
+            )?;
+            conn.execute_batch(
+                "DELETE FROM pending WHERE key IN (SELECT key FROM forgotten);
+                 DELETE FROM retired WHERE key IN (SELECT key FROM forgotten);
+                 INSERT INTO retired SELECT key, gen FROM forgotten;
+                 DROP TABLE forgotten;",
+            )
+        })?;
+        Ok(forgotten as u64)
+    }
+
+    /// Marks the start of the outbox's delivery by `run_id`, durably: from
+    /// here on, every record of the outbox that is not acknowledged counts
+    /// as possibly delivered (sent, its answer never recorded), and the
+    /// next fold keeps it as an unconfirmed delivery — re-sent under the
+    /// same message id, or, in mirror mode, deleted if its key leaves the
+    /// query. Call before the first request is sent.
+    pub fn begin_delivery(&self, run_id: &str) -> Result<(), DiffError> {
+        self.set_setting(DELIVERY, run_id)?;
+        self.checkpoint()
     }
 
     /// Records acknowledged records durably: their outbox row numbers are
@@ -611,14 +817,32 @@ impl StateStore {
     }
 
     /// Folds the ack log into the snapshot in one transaction: a delivered
-    /// removal drops the key; anything else stores the delivered payload
-    /// and fingerprint (its message id is derived from those when asked
-    /// for). The log refers to the current outbox, which is only replaced
-    /// after a fold, and holds each row at most once. Returns the number of
-    /// records folded.
+    /// removal drops the key (its generation is kept, so a key that comes
+    /// back is a new occurrence); anything else stores the delivered
+    /// payload, fingerprint and generation (its message id is derived from
+    /// those when asked for). Once the outbox's delivery began
+    /// ([`StateStore::begin_delivery`]), its records not acknowledged become
+    /// unconfirmed deliveries in the same transaction, and the outbox is
+    /// dropped: what a crashed run may have delivered is known to the next.
+    /// The log refers to the current outbox, which is only replaced after a
+    /// fold, and holds each row at most once. Returns the number of records
+    /// folded.
     pub fn fold_acks(&self) -> Result<u64, DiffError> {
-        let pending = self.count("SELECT coalesce(sum(last_row - first_row + 1), 0)::BIGINT FROM acked")?;
-        if pending == 0 {
+        if self.outbox_in_memory {
+            // A plan's outbox is never delivered.
+            return Ok(0);
+        }
+        let delivering = self.setting(DELIVERY)?;
+        let outbox_exists = self.count(&format!(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'outbox' AND NOT temporary
+             AND database_name = {}",
+            literal(&self.catalog)
+        ))? > 0;
+        let acked = self.count("SELECT coalesce(sum(last_row - first_row + 1), 0)::BIGINT FROM acked")?;
+        if !outbox_exists || (acked == 0 && delivering.is_none()) {
+            if delivering.is_some() {
+                self.conn.execute("DELETE FROM settings WHERE name = ?", [DELIVERY])?;
+            }
             return Ok(0);
         }
         let snapshot_rows = self.count("SELECT count(*) FROM snapshot")?;
@@ -630,28 +854,63 @@ impl StateStore {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
         let kept = snapshot_rows.saturating_sub(replacing as u64);
-        if outbox_rows as u64 == pending
-            && kept <= pending
+        let occurrences = Occurrences { pending: self.has_pending()?, retired: self.has_retired()? };
+        if outbox_rows as u64 == acked
+            && kept <= acked
             && self.count("SELECT count(DISTINCT run_id) FROM acked")? == 1
         {
-            self.outbox_becomes_snapshot()?;
-            return Ok(pending);
+            self.outbox_becomes_snapshot(occurrences)?;
+            return Ok(acked);
         }
         // A range join (DuckDB merges the outbox with the few sorted ranges;
         // an ASOF join cost twice as much).
-        let acked = "FROM outbox o JOIN acked a ON o.row_num BETWEEN a.first_row AND a.last_row";
+        let acked_rows = "FROM outbox o JOIN acked a ON o.row_num BETWEEN a.first_row AND a.last_row";
+        let unconfirmed = match &delivering {
+            Some(run_id) if (outbox_rows as u64) > acked => Some(run_id.clone()),
+            _ => None,
+        };
         self.transaction(|conn| {
-            if !first {
-                conn.execute_batch(&format!("DELETE FROM snapshot WHERE key IN (SELECT o.key {acked})"))?;
+            if acked > 0 {
+                if !first {
+                    conn.execute_batch(&format!("DELETE FROM snapshot WHERE key IN (SELECT o.key {acked_rows})"))?;
+                }
+                conn.execute_batch(&format!(
+                    "INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash, row_num, gen)
+                     SELECT o.key, o.fingerprint, o.payload, o.route, o.op, NULL, a.run_id, a.delivered_at, o.row_hash, NULL, o.gen
+                     {acked_rows} WHERE o.change <> 'removed';"
+                ))?;
+                occurrences.settle(conn, &format!("SELECT o.key, o.change, o.gen {acked_rows}"))?;
             }
-            conn.execute_batch(&format!(
-                "INSERT INTO snapshot (key, fingerprint, payload, route, op, message_id, run_id, delivered_at, row_hash, row_num)
-                 SELECT o.key, o.fingerprint, o.payload, o.route, o.op, NULL, a.run_id, a.delivered_at, o.row_hash, NULL
-                 {acked} WHERE o.change <> 'removed';
-                 DELETE FROM acked;"
-            ))
+            if let Some(run_id) = &unconfirmed {
+                // The rows between the acknowledged ranges (row numbers are
+                // 1..n), joined by range like the acknowledged ones.
+                conn.execute_batch(&format!(
+                    "CREATE OR REPLACE TEMP TABLE gaps AS
+                     SELECT last_row + 1 AS first_row, next_first - 1 AS last_row FROM (
+                         SELECT last_row, lead(first_row) OVER (ORDER BY first_row) AS next_first FROM (
+                             SELECT first_row, last_row FROM acked
+                             UNION ALL SELECT 0, 0
+                             UNION ALL SELECT max(row_num) + 1, max(row_num) + 1 FROM outbox))
+                     WHERE next_first - 1 >= last_row + 1;
+                     CREATE OR REPLACE TEMP TABLE unconfirmed AS
+                     SELECT o.key, o.op, o.fingerprint, o.payload, o.route, coalesce(o.gen, 1) AS gen
+                     FROM outbox o JOIN gaps g ON o.row_num BETWEEN g.first_row AND g.last_row;
+                     DELETE FROM pending WHERE key IN (SELECT key FROM unconfirmed);
+                     INSERT INTO pending SELECT key, op, fingerprint, payload, route, gen, {run} FROM unconfirmed;
+                     DROP TABLE unconfirmed;
+                     DROP TABLE gaps;",
+                    run = literal(run_id)
+                ))?;
+            }
+            conn.execute_batch("DELETE FROM acked; DROP TABLE outbox;")?;
+            conn.execute("DELETE FROM settings WHERE name = ?", [DELIVERY])?;
+            Ok(())
         })?;
-        Ok(pending)
+        Ok(acked)
+    }
+
+    fn has_retired(&self) -> Result<bool, DiffError> {
+        Ok(self.count("SELECT count(*) FROM (SELECT 1 FROM retired LIMIT 1)")? > 0)
     }
 
     /// The fold of a delivery acknowledged whole (every record, by one
@@ -664,17 +923,19 @@ impl StateStore {
     /// tell when each was delivered (setting the time on every row cost as
     /// much as the copy); the kept rows take their delivery time along and
     /// drop their row numbers, whose ranges go.
-    fn outbox_becomes_snapshot(&self) -> Result<(), DiffError> {
+    fn outbox_becomes_snapshot(&self, occurrences: Occurrences) -> Result<(), DiffError> {
         let run_id: String = self.conn.query_row("SELECT any_value(run_id) FROM acked", [], |r| r.get(0))?;
         self.transaction(|conn| {
+            occurrences.settle(conn, "SELECT key, change, gen FROM outbox")?;
+            conn.execute("DELETE FROM settings WHERE name = ?", [DELIVERY])?;
             conn.execute_batch(&format!(
                 "ALTER TABLE outbox ADD COLUMN message_id VARCHAR;
                  ALTER TABLE outbox ADD COLUMN run_id VARCHAR DEFAULT {run_id};
                  ALTER TABLE outbox ALTER COLUMN run_id DROP DEFAULT;
                  ALTER TABLE outbox ADD COLUMN delivered_at VARCHAR;
-                 INSERT INTO outbox (key, change, op, fingerprint, payload, route, row_hash, row_num, message_id, run_id, delivered_at)
+                 INSERT INTO outbox (key, change, op, fingerprint, payload, route, row_hash, row_num, message_id, run_id, delivered_at, gen)
                  SELECT s.key, 'kept', s.op, s.fingerprint, s.payload, s.route, s.row_hash, NULL, s.message_id, s.run_id,
-                        coalesce(s.delivered_at, r.delivered_at)
+                        coalesce(s.delivered_at, r.delivered_at), s.gen
                  FROM snapshot s
                  LEFT JOIN delivered_ranges r ON s.row_num BETWEEN r.first_row AND r.last_row
                  WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.key = s.key);
@@ -774,19 +1035,32 @@ impl StateStore {
              FROM runs ORDER BY started_at DESC, run_id DESC LIMIT ?",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
-            Ok(RunRecord {
+            let raw: (String, String) = (r.get(2)?, r.get(7)?);
+            let run = RunRecord {
                 run_id: r.get(0)?,
                 sync: r.get(1)?,
-                mode: serde_json::from_value(serde_json::Value::String(r.get(2)?)).unwrap_or(Mode::Upsert),
+                mode: Mode::Upsert,
                 full: r.get(3)?,
                 started_at: r.get(4)?,
                 ended_at: r.get(5)?,
                 status: r.get(6)?,
-                counts: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
+                counts: serde_json::Value::Null,
                 message: r.get(8)?,
-            })
+            };
+            Ok((run, raw))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut run, (mode, counts)) = row?;
+            run.mode = Mode::ALL
+                .into_iter()
+                .find(|m| m.as_str() == mode)
+                .ok_or_else(|| self.damaged(format!("run {} has the mode `{mode}`", run.run_id)))?;
+            run.counts = serde_json::from_str(&counts)
+                .map_err(|e| self.damaged(format!("the counts of run {} are not JSON ({e})", run.run_id)))?;
+            out.push(run);
+        }
+        Ok(out)
     }
 
     /// The rejections recorded for a run.
@@ -799,17 +1073,25 @@ impl StateStore {
             "SELECT key, op, message_id, status, reason, body, failed_at FROM rejections {filter}"
         ))?;
         let rows = stmt.query_map([arg], |r| {
-            Ok(Rejection {
+            let rejection = Rejection {
                 key: r.get(0)?,
-                op: Op::parse(&r.get::<_, String>(1)?).unwrap_or(Op::Upsert),
+                op: Op::Upsert,
                 message_id: r.get(2)?,
                 status: r.get::<_, Option<i32>>(3)?.map(|s| s as u16),
                 reason: r.get(4)?,
                 body: r.get(5)?,
                 at: r.get(6)?,
-            })
+            };
+            Ok((rejection, r.get::<_, String>(1)?))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut rejection, op) = row?;
+            rejection.op = Op::parse(&op)
+                .ok_or_else(|| self.damaged(format!("a rejection of key {} has the op `{op}`", rejection.key)))?;
+            out.push(rejection);
+        }
+        Ok(out)
     }
 
     /// What the state knows about `key` (canonical key text).
@@ -818,7 +1100,8 @@ impl StateStore {
         let delivered = self
             .conn
             .query_row(
-                "SELECT s.payload, s.fingerprint, s.op, s.message_id, s.run_id, coalesce(s.delivered_at, r.delivered_at, '')
+                "SELECT s.payload, s.fingerprint, s.op, s.message_id, s.run_id, coalesce(s.delivered_at, r.delivered_at, ''),
+                        coalesce(s.gen, 1)
                  FROM snapshot s LEFT JOIN delivered_ranges r ON s.row_num BETWEEN r.first_row AND r.last_row
                  WHERE s.key = ?",
                 [key],
@@ -828,11 +1111,15 @@ impl StateStore {
                     // Stored by earlier versions; derived otherwise.
                     let message_id = match (r.get::<_, Option<String>>(3)?, Op::parse(&op)) {
                         (Some(id), _) => id,
-                        (None, Some(parsed)) => backflow_core::message_id(&self.sync, key, parsed, fingerprint),
+                        (None, Some(parsed)) => {
+                            backflow_core::message_id(&self.sync, key, parsed, fingerprint, r.get::<_, i64>(6)? as u64)
+                        }
                         (None, None) => String::new(),
                     };
                     Ok(Delivered {
-                        payload: serde_json::from_str(&r.get::<_, String>(0)?).unwrap_or_default(),
+                        payload: serde_json::from_str(&r.get::<_, String>(0)?).map_err(|e| {
+                            duckdb::Error::FromSqlConversionFailure(0, duckdb::types::Type::Text, Box::new(e))
+                        })?,
                         fingerprint: format!("{fingerprint:016x}"),
                         op,
                         message_id,
@@ -841,9 +1128,87 @@ impl StateStore {
                     })
                 },
             )
-            .optional()?;
+            .optional()
+            .map_err(|e| match e {
+                duckdb::Error::FromSqlConversionFailure(..) => {
+                    self.damaged(format!("the payload delivered for key {key} is not JSON ({e})"))
+                }
+                other => other.into(),
+            })?;
         let last_rejection = self.query_rejections("WHERE key = ? ORDER BY failed_at DESC LIMIT 1", key)?.pop();
-        Ok(KeyRecord { key: key.to_string(), delivered, last_rejection })
+        let unconfirmed = self
+            .conn
+            .query_row("SELECT op, payload, fingerprint, gen, run_id FROM pending WHERE key = ?", [key], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, i64>(3)?, r.get(4)?))
+            })
+            .optional()?
+            .map(|(op, payload, fingerprint, generation, run_id)| {
+                let message_id = Op::parse(&op)
+                    .map(|parsed| backflow_core::message_id(&self.sync, key, parsed, fingerprint, generation as u64))
+                    .ok_or_else(|| self.damaged(format!("an unconfirmed delivery of key {key} has the op `{op}`")))?;
+                let payload = serde_json::from_str(&payload)
+                    .map_err(|e| self.damaged(format!("the unconfirmed payload of key {key} is not JSON ({e})")))?;
+                Ok::<_, DiffError>(Unconfirmed { op, payload, message_id, run_id })
+            })
+            .transpose()?;
+        Ok(KeyRecord { key: key.to_string(), delivered, last_rejection, unconfirmed })
+    }
+
+    /// Every delivered key with its payload (JSON text), in key order.
+    pub fn snapshot_rows(&self) -> Result<Vec<(String, String)>, DiffError> {
+        self.fold_acks()?;
+        let mut stmt = self.conn.prepare("SELECT key, payload FROM snapshot ORDER BY key")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Checks that the state is consistent: every key at most once in the
+    /// snapshot, the unconfirmed deliveries and the retired keys, and never
+    /// both delivered and retired; no delivered row without its payload,
+    /// fingerprint or op; acknowledged ranges that do not overlap and name
+    /// rows of an outbox; runs with known statuses. Reads only.
+    pub fn verify(&self) -> Result<(), DiffError> {
+        let checks = [
+            ("the snapshot holds a key twice", "SELECT count(*) - count(DISTINCT key) FROM snapshot"),
+            (
+                "a snapshot row lacks its key, payload, fingerprint or op",
+                "SELECT count(*) FROM snapshot WHERE key IS NULL OR payload IS NULL OR fingerprint IS NULL OR op IS NULL",
+            ),
+            ("an unconfirmed delivery is recorded twice", "SELECT count(*) - count(DISTINCT key) FROM pending"),
+            ("a retired key is recorded twice", "SELECT count(*) - count(DISTINCT key) FROM retired"),
+            (
+                "a key is both delivered and retired",
+                "SELECT count(*) FROM retired WHERE key IN (SELECT key FROM snapshot)",
+            ),
+            (
+                "acknowledged ranges overlap or run backwards",
+                "SELECT count(*) FROM (SELECT first_row, last_row, lag(last_row) OVER (ORDER BY first_row) AS previous
+                 FROM acked) WHERE last_row < first_row OR previous >= first_row",
+            ),
+            (
+                "a run has an unknown status",
+                "SELECT count(*) FROM runs
+                 WHERE status NOT IN ('running', 'succeeded', 'partial', 'failed', 'interrupted')",
+            ),
+        ];
+        for (what, sql) in checks {
+            let found = self.count(sql)?;
+            if found > 0 {
+                return Err(self.damaged(format!("{what} ({found} found)")));
+            }
+        }
+        let outbox = self.count(&format!(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'outbox' AND NOT temporary AND database_name = {}",
+            literal(&self.catalog)
+        ))? > 0;
+        let acked = self.count("SELECT count(*) FROM acked")?;
+        if acked > 0
+            && (!outbox
+                || self.count("SELECT count(*) FROM acked WHERE last_row > (SELECT max(row_num) FROM outbox)")? > 0)
+        {
+            return Err(self.damaged("acknowledgements name rows no outbox holds".into()));
+        }
+        Ok(())
     }
 
     /// Number of keys in the snapshot.
@@ -855,9 +1220,18 @@ impl StateStore {
     /// Forgets every delivered key: the next run sends every row as added.
     pub fn reset(&self) -> Result<u64, DiffError> {
         let n = self.snapshot_len()?;
+        // Generations are kept: what is sent again is a new occurrence.
         self.transaction(|conn| {
             conn.execute_batch(
-                "DELETE FROM snapshot; DELETE FROM acked; DELETE FROM delivered_ranges; DELETE FROM settings;",
+                "CREATE OR REPLACE TEMP TABLE forgotten AS
+                 SELECT key, max(gen) AS gen FROM (
+                     SELECT key, coalesce(gen, 1) AS gen FROM snapshot UNION ALL SELECT key, gen FROM pending
+                 ) GROUP BY key;
+                 DELETE FROM retired WHERE key IN (SELECT key FROM forgotten);
+                 INSERT INTO retired SELECT key, gen FROM forgotten;
+                 DROP TABLE forgotten;
+                 DELETE FROM snapshot; DELETE FROM pending; DELETE FROM acked; DELETE FROM delivered_ranges;
+                 DELETE FROM settings;",
             )
         })?;
         Ok(n)

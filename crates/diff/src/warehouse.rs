@@ -123,6 +123,9 @@ pub struct CandidateColumns {
     pub row_hash: usize,
     /// The fingerprint last delivered, for a changed key (`UBIGINT`).
     pub old_fingerprint: usize,
+    /// The key's generation so far (`BIGINT`; 0 for a key never
+    /// delivered).
+    pub generation: usize,
 }
 
 fn ident(name: &str) -> String {
@@ -189,6 +192,16 @@ impl StateStore {
         })
     }
 
+    /// The DuckDB type names of the query's result columns, without
+    /// running it.
+    pub fn warehouse_column_types(&self, query: &str) -> Result<Vec<String>, DiffError> {
+        self.in_warehouse(|| {
+            let mut stmt = self.conn.prepare(&format!("DESCRIBE SELECT * FROM {}", subquery(query)))?;
+            let types = stmt.query_map([], |r| r.get::<_, String>(1))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(types)
+        })
+    }
+
     /// Runs the query inside DuckDB and keeps its candidates (see the module
     /// docs) in the temporary table `candidates` (in query order if
     /// `ordered`).
@@ -208,6 +221,16 @@ impl StateStore {
         let row_hash =
             format!("hash({}::UBIGINT{})", q.seed, hashed.iter().map(|c| format!(", {c}")).collect::<String>());
         let snapshot = format!("{}.main.snapshot", ident(&self.catalog));
+        // A key with an unconfirmed delivery is a candidate whatever its row
+        // hash: it is sent again even when its row equals the confirmed one.
+        let snapshot_row_hash = if self.has_pending()? {
+            format!(
+                "CASE WHEN key IN (SELECT key FROM {}.main.pending) THEN NULL ELSE row_hash END AS row_hash",
+                ident(&self.catalog)
+            )
+        } else {
+            "row_hash".to_string()
+        };
         // The snapshot is the join's build side: the query's rows, with all
         // their columns, only stream past it.
         let sql = format!(
@@ -218,6 +241,7 @@ impl StateStore {
                          WHEN s.key IS NULL THEN 'added' ELSE 'changed' END AS __backflow_change,
                     s.fingerprint AS __backflow_old_fingerprint,
                     s.rowid AS __backflow_snapshot_row,
+                    CASE WHEN s.key IS NULL THEN 0 ELSE coalesce(s.gen, 1) END AS __backflow_prior_gen,
                     coalesce(s.key <> c.__backflow_key, false) AS __backflow_collided
              FROM (
                  SELECT *, CASE WHEN __backflow_key IS NOT NULL THEN hash(__backflow_key) END AS __backflow_kh,
@@ -226,7 +250,7 @@ impl StateStore {
                      SELECT q.*, {key_text} AS __backflow_key, {row_hash} AS __backflow_row_hash,
                             {ord} AS __backflow_ord
                      FROM {query} q)) c
-             FULL OUTER JOIN (SELECT rowid, hash(key) AS kh, key, row_hash, fingerprint FROM {snapshot}) s
+             FULL OUTER JOIN (SELECT rowid, hash(key) AS kh, key, {snapshot_row_hash}, fingerprint, gen FROM {snapshot}) s
                ON s.kh = c.__backflow_kh
              WHERE c.__backflow_present IS NULL OR s.key IS NULL
                 OR s.row_hash IS DISTINCT FROM c.__backflow_row_hash OR s.key <> c.__backflow_key
@@ -283,8 +307,9 @@ impl StateStore {
             .prepare(
                 "SELECT * EXCLUDE (__backflow_key, __backflow_kh, __backflow_snapshot_row, __backflow_collided, __backflow_counted,
                                    __backflow_ord, __backflow_key_text, __backflow_change, __backflow_row_hash,
-                                   __backflow_old_fingerprint),
-                        __backflow_key_text, __backflow_change, __backflow_row_hash, __backflow_old_fingerprint
+                                   __backflow_old_fingerprint, __backflow_prior_gen),
+                        __backflow_key_text, __backflow_change, __backflow_row_hash, __backflow_old_fingerprint,
+                        __backflow_prior_gen
                  FROM candidates WHERE rowid >= ? AND rowid < ? AND __backflow_change <> 'removed'",
             )
             .map_err(DiffError::from)?;
@@ -294,7 +319,13 @@ impl StateStore {
                 stmt.query_arrow(params![start as i64, end as i64]).map_err(DiffError::from)?.collect();
             for batch in &page {
                 let n = batch.num_columns();
-                let columns = CandidateColumns { key: n - 4, change: n - 3, row_hash: n - 2, old_fingerprint: n - 1 };
+                let columns = CandidateColumns {
+                    key: n - 5,
+                    change: n - 4,
+                    row_hash: n - 3,
+                    old_fingerprint: n - 2,
+                    generation: n - 1,
+                };
                 f(batch, &columns)?;
             }
         }
@@ -305,7 +336,7 @@ impl StateStore {
     pub fn outbox_writer(&self) -> Result<OutboxWriter<'_>, DiffError> {
         self.conn.execute_batch(&format!(
             "CREATE OR REPLACE {} outbox (row_num BIGINT, key VARCHAR, change VARCHAR, op VARCHAR,
-                 fingerprint UBIGINT, payload VARCHAR, route VARCHAR, row_hash UBIGINT)",
+                 fingerprint UBIGINT, payload VARCHAR, route VARCHAR, row_hash UBIGINT, gen BIGINT)",
             self.outbox_table()
         ))?;
         Ok(OutboxWriter { store: self, rows: 0, columns: OutboxColumns::default() })
@@ -317,7 +348,10 @@ impl StateStore {
     /// [`StateStore::forget_removed`] otherwise. With `payloads` (a plan,
     /// which shows only its first few records), only that many removed
     /// records get their payload.
-    pub fn finish_candidates(&self, removed_op: Option<Op>, payloads: Option<u64>) -> Result<u64, DiffError> {
+    /// Earlier deliveries are then settled in (generations, and deletes of
+    /// keys whose delivery is unconfirmed). Returns the records to send, and
+    /// how many of them are such deletes.
+    pub fn finish_candidates(&self, removed_op: Option<Op>, payloads: Option<u64>) -> Result<(u64, u64), DiffError> {
         let op = removed_op.map_or("NULL".to_string(), |op| literal(op.as_str()));
         let limit = payloads.map_or(String::new(), |n| format!("ORDER BY key LIMIT {n}"));
         // Removed rows are fetched by the row ids the candidates pass saw,
@@ -331,26 +365,27 @@ impl StateStore {
              DROP TABLE candidates;
              CREATE OR REPLACE TEMP TABLE wanted AS SELECT key, snapshot_row FROM diff WHERE op IS NOT NULL {limit};
              CREATE OR REPLACE TEMP TABLE removed_rows AS
-             SELECT key, fingerprint, payload, route, row_hash FROM snapshot
+             SELECT key, fingerprint, payload, route, row_hash, gen FROM snapshot
              WHERE rowid IN (SELECT snapshot_row FROM wanted);"
         ))?;
         let wanted = self.count("SELECT count(*) FROM wanted")?;
         if self.count("SELECT count(*) FROM removed_rows JOIN wanted USING (key)")? != wanted {
             self.conn.execute_batch(
                 "CREATE OR REPLACE TEMP TABLE removed_rows AS
-                 SELECT key, fingerprint, payload, route, row_hash FROM snapshot JOIN wanted USING (key)",
+                 SELECT key, fingerprint, payload, route, row_hash, gen FROM snapshot JOIN wanted USING (key)",
             )?;
         }
         self.conn.execute_batch(
             "INSERT INTO outbox
              SELECT (SELECT count(*) FROM outbox) + row_number() OVER (ORDER BY d.key), d.key, 'removed', d.op,
-                    r.fingerprint, r.payload, r.route, r.row_hash
+                    r.fingerprint, r.payload, r.route, r.row_hash, coalesce(r.gen, 1) + 1
              FROM diff d LEFT JOIN (SELECT r.* FROM removed_rows r JOIN wanted USING (key)) r USING (key)
              WHERE d.op IS NOT NULL;
              DROP TABLE removed_rows;
              DROP TABLE wanted;",
         )?;
-        self.count("SELECT count(*) FROM outbox")
+        let unconfirmed_removals = self.settle_occurrences(removed_op)?;
+        Ok((self.count("SELECT count(*) FROM outbox")?, unconfirmed_removals))
     }
 
     /// Records the row hashes of snapshot rows found unchanged although
@@ -386,6 +421,7 @@ struct OutboxColumns {
     payload: StringBuilder,
     route: StringBuilder,
     row_hash: UInt64Builder,
+    generation: Int64Builder,
 }
 
 /// Appends records to send to a new outbox, numbered from 1, in columnar
@@ -403,7 +439,8 @@ const CANDIDATE_PAGE: usize = 32_768;
 const OUTBOX_BATCH: usize = 32_768;
 
 impl OutboxWriter<'_> {
-    /// Appends one record to send.
+    /// Appends one record to send; `prior_generation` is the key's
+    /// generation so far ([`CandidateColumns::generation`]).
     #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
@@ -414,6 +451,7 @@ impl OutboxWriter<'_> {
         payload: &str,
         route: Option<&str>,
         row_hash: u64,
+        prior_generation: u64,
     ) -> Result<(), DiffError> {
         self.rows += 1;
         let c = &mut self.columns;
@@ -425,6 +463,7 @@ impl OutboxWriter<'_> {
         c.payload.append_value(payload);
         c.route.append_option(route);
         c.row_hash.append_value(row_hash);
+        c.generation.append_value(prior_generation as i64 + 1);
         if self.rows.is_multiple_of(OUTBOX_BATCH as u64) {
             self.flush()?;
         }
@@ -448,6 +487,7 @@ impl OutboxWriter<'_> {
                 ("payload", Arc::new(c.payload.finish())),
                 ("route", Arc::new(c.route.finish())),
                 ("row_hash", Arc::new(c.row_hash.finish())),
+                ("gen", Arc::new(c.generation.finish())),
             ],
         )?;
         appender.flush()?;

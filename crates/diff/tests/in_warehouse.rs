@@ -56,10 +56,10 @@ fn deliver(store: &StateStore, removed: Option<Op>) -> u64 {
     for (id, change, _, hash) in candidates(store) {
         let change = if change == "added" { Change::Added } else { Change::Changed };
         let key = format!("{{\"id\":{id}}}");
-        outbox.push(&key, change, Op::Upsert, id as u64, &format!("{{\"id\":{id}}}"), None, hash).unwrap();
+        outbox.push(&key, change, Op::Upsert, id as u64, &format!("{{\"id\":{id}}}"), None, hash, 0).unwrap();
     }
     outbox.finish().unwrap();
-    let n = store.finish_candidates(removed, None).unwrap();
+    let (n, _) = store.finish_candidates(removed, None).unwrap();
     let acks: Vec<u64> = (1..=n).collect();
     store.ack("run", &acks).unwrap();
     store.fold_acks().unwrap();

@@ -286,6 +286,15 @@ impl Project {
     /// that every `${VAR}` is set.
     pub fn validate(&self, env: &Env) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
+        if !is_memory_size(&self.file.state.memory_limit) {
+            errors.push(ConfigError {
+                place: PROJECT_FILE.to_string(),
+                message: format!(
+                    "state.memory_limit: `{}` is not a size; write a number and a unit, e.g. `1GB`, `512MB` or `2GiB`",
+                    self.file.state.memory_limit
+                ),
+            });
+        }
         for (i, sync) in self.syncs.iter().enumerate() {
             let place = format!("{} (sync {})", self.shown(&sync.file), sync.name);
             let mut err = |message: String| errors.push(ConfigError { place: place.clone(), message });
@@ -336,8 +345,28 @@ impl Project {
                     _ => err("schedule: give exactly one of `cron: \"*/15 * * * *\"` or `every: 15m`".into()),
                 }
             }
-            if sync.spec.destination.concurrency == 0 {
-                err("destination.concurrency: must be at least 1".into());
+            let destination = &sync.spec.destination;
+            if !(1..=MAX_CONCURRENCY).contains(&destination.concurrency) {
+                err(format!("destination.concurrency: must be between 1 and {MAX_CONCURRENCY} (e.g. `8`)"));
+            }
+            for (field, duration) in [
+                ("timeout", destination.timeout),
+                ("connect_timeout", destination.connect_timeout),
+                ("retry.max_backoff", destination.retry.max_backoff),
+            ] {
+                if duration.get().is_zero() {
+                    err(format!("destination.{field}: must be longer than 0 (e.g. `10s`)"));
+                }
+            }
+            if destination.retry.attempts == 0 {
+                err("destination.retry.attempts: must be at least 1 (the first attempt counts)".into());
+            }
+            if destination.circuit_breaker == 0 {
+                err("destination.circuit_breaker: must be at least 1 (e.g. `10`)".into());
+            }
+            if sql_is_empty(&sync.spec.query) {
+                err("query: is empty; write the SQL that selects the rows to sync (e.g. `select id, email from customers`)"
+                    .into());
             }
             if let Err(e) = Destination::new(&sync.spec.destination, env) {
                 err(e.to_string());
@@ -373,6 +402,34 @@ impl Project {
 
     fn shown(&self, path: &Path) -> String {
         path.strip_prefix(&self.dir).unwrap_or(path).display().to_string()
+    }
+}
+
+/// The most requests a destination may keep in flight.
+pub const MAX_CONCURRENCY: usize = 10_000;
+
+/// Whether `text` is a size DuckDB reads: a number and a unit (`1GB`,
+/// `512 MB`, `2GiB`, `1.5GB`).
+fn is_memory_size(text: &str) -> bool {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let units = ["b", "kb", "mb", "gb", "tb", "kib", "mib", "gib", "tib", "bytes"];
+    number.parse::<f64>().is_ok_and(|n| n > 0.0) && units.contains(&unit.trim().to_ascii_lowercase().as_str())
+}
+
+/// Whether `sql` holds nothing but white space, `;` and comments.
+fn sql_is_empty(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if let Some(after) = rest.strip_prefix("--") {
+            rest = after.split_once('\n').map_or("", |(_, next)| next);
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, next)| next);
+        } else {
+            return rest.is_empty();
+        }
     }
 }
 

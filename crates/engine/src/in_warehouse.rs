@@ -12,7 +12,7 @@ use backflow_diff::{CandidateColumns, DiffCounts, DiffError, InWarehouse, Outbox
 use backflow_source::json::check_supported;
 use backflow_source::{RecordBatch, check_distinct};
 use duckdb::arrow::array::{Array, AsArray};
-use duckdb::arrow::datatypes::UInt64Type;
+use duckdb::arrow::datatypes::{Int64Type, UInt64Type};
 use std::path::Path;
 
 /// How the diff inside DuckDB ended.
@@ -68,6 +68,11 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
     if let Err(e) = checked {
         return Ok(Outcome::Staged(e.to_string()));
     }
+    // UHUGEINT crosses Arrow as a signed decimal; the source reads it
+    // unsigned.
+    if store.warehouse_column_types(q.text).is_ok_and(|types| types.iter().any(|t| t == "UHUGEINT")) {
+        return Ok(Outcome::Staged("a UHUGEINT column is read through the source".into()));
+    }
     let converter =
         match Converter::new(q.mapping, &names, &q.sync.key_columns(), q.route_columns, q.sync.meta_key().as_deref()) {
             Ok(converter) => converter,
@@ -119,6 +124,7 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
         converted: Converted::new(!q.route_columns.is_empty()),
         counts: DiffCounts { rows: scan.rows, removed: scan.removed, ..DiffCounts::default() },
         refresh: Vec::new(),
+        unconfirmed: store.pending_keys()?,
     };
     match store.each_candidate(|batch, at| pass.batch(batch, at)) {
         Ok(()) => {}
@@ -131,7 +137,9 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
     let removed_op = mode.op_for(Change::Removed);
     // A plan shows its first few records; removed ones come last.
     let payloads = q.plan.then(|| SAMPLES.saturating_sub(counts_sent));
-    counts.to_send = store.finish_candidates(removed_op, payloads)?;
+    let (to_send, unconfirmed_removals) = store.finish_candidates(removed_op, payloads)?;
+    counts.to_send = to_send;
+    counts.removed += unconfirmed_removals;
     if removed_op.is_none() {
         counts.forgotten = counts.removed;
     }
@@ -151,6 +159,8 @@ struct Pass<'a> {
     converted: Converted,
     counts: DiffCounts,
     refresh: Vec<(String, u64)>,
+    /// Keys with an unconfirmed delivery: sent again even when unchanged.
+    unconfirmed: std::collections::HashSet<String>,
 }
 
 impl Pass<'_> {
@@ -164,6 +174,7 @@ impl Pass<'_> {
         let change = batch.column(at.change).as_string::<i32>();
         let row_hash = batch.column(at.row_hash).as_primitive::<UInt64Type>();
         let old_fingerprint = batch.column(at.old_fingerprint).as_primitive::<UInt64Type>();
+        let generation = batch.column(at.generation).as_primitive::<Int64Type>();
         for (i, (key, payload, route)) in self.converted.rows().enumerate() {
             // The join matched keys by the text DuckDB wrote; a key it
             // writes otherwise than Backflow would not have matched.
@@ -172,7 +183,7 @@ impl Pass<'_> {
             }
             let fingerprint = self.converted.fingerprint[i];
             let change = if change.value(i) == "added" { Change::Added } else { Change::Changed };
-            if change == Change::Changed && old_fingerprint.value(i) == fingerprint {
+            if change == Change::Changed && old_fingerprint.value(i) == fingerprint && !self.unconfirmed.contains(key) {
                 self.refresh.push((key.to_string(), row_hash.value(i)));
                 continue;
             }
@@ -181,7 +192,8 @@ impl Pass<'_> {
                 _ => self.counts.changed += 1,
             }
             if let Some(op) = self.mode.op_for(change) {
-                self.outbox.push(key, change, op, fingerprint, payload, route, row_hash.value(i))?;
+                let prior = generation.value(i) as u64;
+                self.outbox.push(key, change, op, fingerprint, payload, route, row_hash.value(i), prior)?;
             }
         }
         Ok(())

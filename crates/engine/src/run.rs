@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 const PAGE_FIRST: usize = 1_024;
 const PAGE_MAX: usize = 65_536;
 const PAGE_BYTES: usize = 32 << 20;
-/// Acks are committed when this many are waiting, or after [`ACK_INTERVAL`]
-/// (a crash re-sends at most what was acknowledged since, with the same ids).
+/// Acks are committed as soon as the first arrive, then when this many are
+/// waiting or [`ACK_INTERVAL`] after the last commit: a crash re-sends at
+/// most what was acknowledged since (with the same ids), and a run killed
+/// again and again still makes progress.
 const ACK_BATCH: usize = 50_000;
-const ACK_INTERVAL: Duration = Duration::from_secs(1);
+const ACK_INTERVAL: Duration = Duration::from_millis(250);
 /// Payloads shown by `plan`.
 pub(crate) const SAMPLES: u64 = 3;
 /// Setting under which the mapping last run with is stored.
@@ -205,7 +207,7 @@ impl Engine {
                     diffed = Some((counts, refresh));
                 }
                 in_warehouse::Outcome::Staged(reason) => {
-                    tracing::debug!(sync = name, reason, "the query is staged instead");
+                    tracing::debug!(sync = name, reason = %self.env.redact(&reason), "the query is staged instead");
                 }
             }
         }
@@ -375,9 +377,10 @@ impl Engine {
         if spec.mode.forgets_removed() {
             p.store.forget_removed()?;
         }
-        // The outbox goes to disk now, as part of preparing the run, rather
-        // than with the first commit that fills the log.
-        p.store.checkpoint()?;
+        // From here on every record not acknowledged may have been
+        // delivered; the outbox goes to disk now, as part of preparing the
+        // run, rather than with the first commit that fills the log.
+        p.store.begin_delivery(&run_id)?;
         let ctx = MetaContext { sync: name.to_string(), mode: spec.mode, run_id: run_id.clone() };
         let mut report = RunReport {
             sync: name.to_string(),
@@ -419,7 +422,7 @@ impl Engine {
             }
             Err(e) => {
                 record_run.status = "failed".into();
-                record_run.message = Some(e.to_string());
+                record_run.message = Some(self.env.redact(&e.to_string()));
             }
         }
         p.store.set_setting(MAPPING_SETTING, &p.mapping_text)?;
@@ -445,7 +448,7 @@ impl Engine {
                 ended_at: Some(now()),
                 status: "failed".into(),
                 counts: json!({}),
-                message: Some(error.to_string()),
+                message: Some(self.env.redact(&error.to_string())),
             };
             if let Err(e) = store.save_run(&record) {
                 tracing::warn!(sync = name, error = %e, "could not record the failed run");
@@ -501,9 +504,11 @@ impl Engine {
         let mut after = 0;
         let mut acks: Vec<u64> = Vec::new();
         let mut failures: Vec<Rejection> = Vec::new();
-        let mut last_commit = Instant::now();
+        // The first acks are committed at once.
+        let mut last_commit: Option<Instant> = None;
+        let (mut commits, mut committing) = (0u32, Duration::ZERO);
         progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
-        loop {
+        let looped: Result<(), EngineError> = async { loop {
             let room = async {
                 match &pages {
                     Some(tx) => tx.reserve().await.ok(),
@@ -513,7 +518,10 @@ impl Engine {
             // Set when every page is handed over, or the encoder stopped
             // (the sending task stopped early: circuit breaker).
             let mut close = false;
+            // Acks waiting are committed on time even while no result comes.
+            let commit_at = last_commit.map_or_else(tokio::time::Instant::now, |at| (at + ACK_INTERVAL).into());
             tokio::select! {
+                _ = tokio::time::sleep_until(commit_at), if !acks.is_empty() => {}
                 permit = room => match permit {
                     Some(permit) => {
                         let page = p.store.outbox_page(after, page_size)?;
@@ -540,11 +548,29 @@ impl Engine {
             if close {
                 pages = None;
             }
-            if acks.len() >= ACK_BATCH || (!acks.is_empty() && last_commit.elapsed() >= ACK_INTERVAL) {
+            let due = last_commit.is_none_or(|at| at.elapsed() >= ACK_INTERVAL);
+            if acks.len() >= ACK_BATCH || (!acks.is_empty() && due) {
+                let at = Instant::now();
                 p.store.ack(&ctx.run_id, &acks)?;
                 acks.clear();
-                last_commit = Instant::now();
+                last_commit = Some(Instant::now());
+                commits += 1;
+                committing += at.elapsed();
             }
+        }
+        Ok(())
+        }
+        .await;
+        if let Err(e) = looped {
+            // The state cannot be written: nothing more is sent, and the
+            // requests in flight are cancelled (their records stay
+            // unconfirmed, as after a crash).
+            network.abort();
+            drop(pages);
+            drop(results);
+            let _ = network.await;
+            let _ = encoder.join();
+            return Err(e);
         }
         drop(pages);
         let encoded = encoder.join();
@@ -553,9 +579,15 @@ impl Engine {
             report.stopped_early = Some("stopped early: the encoding thread failed; the rest stays pending".into());
         }
         p.store.ack(&ctx.run_id, &acks)?;
+        tracing::debug!(sync = %ctx.sync, commits, elapsed = ?committing, "acknowledgements committed while sending");
         let folding = Instant::now();
         p.store.fold_acks()?;
         tracing::debug!(sync = %ctx.sync, elapsed = ?folding.elapsed(), "acknowledgements folded into the snapshot");
+        // A receiver's answer may echo what was sent (a header, a token).
+        for failure in &mut failures {
+            failure.reason = self.env.redact(&failure.reason);
+            failure.body = self.env.redact(&failure.body);
+        }
         p.store.reject(&ctx.run_id, &failures)?;
         progress.done();
         report.failures = failures.into_iter().take(20).collect();
@@ -742,7 +774,7 @@ fn record(sync: &str, row: OutboxRow) -> Record {
         _ => Map::new(),
     };
     Record {
-        message_id: message_id(sync, &row.key, row.op, row.fingerprint),
+        message_id: message_id(sync, &row.key, row.op, row.fingerprint, row.generation),
         payload: row.payload,
         route,
         key_text: row.key,
@@ -845,6 +877,7 @@ mod tests {
                 fingerprint: 0,
                 payload: "x".repeat(payload_bytes),
                 route: None,
+                generation: 1,
             })
             .collect()
     }

@@ -220,7 +220,9 @@ impl Converter {
     }
 
     pub fn convert_batch(&self, batch: &RecordBatch, out: &mut Converted) -> Result<(), String> {
-        let writers: Vec<ColumnWriter> = batch.columns().iter().map(|c| ColumnWriter::new(c.as_ref())).collect();
+        let schema = batch.schema();
+        let writers: Vec<ColumnWriter> =
+            batch.columns().iter().zip(schema.fields()).map(|(c, f)| ColumnWriter::for_field(f, c.as_ref())).collect();
         let keys: Vec<_> = self.key_index.iter().map(|&k| batch.column(k)).collect();
         for i in 0..batch.num_rows() {
             let null_key = keys.iter().any(|k| k.is_null(i));

@@ -1,8 +1,9 @@
 //! Property: any sequence of table edits, runs and receiver failures
 //! converges. After a clean final run the receiver's view equals the query
-//! (mirror); every run sends exactly what differs from what was acknowledged;
-//! and a change sent again always carries the same message id — whether a
-//! run diffs inside DuckDB or stages the query, in any order.
+//! (mirror); every run sends exactly what differs from what was acknowledged,
+//! plus what was sent without an acknowledgement (it may have arrived); a
+//! change sent again carries the same message id, and a new occurrence a new
+//! one — whether a run diffs inside DuckDB or stages the query, in any order.
 
 mod support;
 
@@ -57,7 +58,9 @@ fn check(steps: Vec<Step>) {
     });
     let mut table: BTreeMap<u8, u8> = BTreeMap::new();
     let mut view: BTreeMap<u8, Value> = BTreeMap::new();
-    let mut ids: HashMap<String, String> = HashMap::new();
+    // Keys whose last send was not acknowledged: (op, content, message id).
+    let mut unconfirmed: HashMap<u8, (String, Value, String)> = HashMap::new();
+    let mut seen_ids: std::collections::HashSet<String> = Default::default();
     let clean = Step::Run { failing: BTreeSet::new(), staged: false };
     for step in steps.into_iter().chain([clean]) {
         match step {
@@ -76,11 +79,11 @@ fn check(steps: Vec<Step>) {
                 // the acknowledged view, and every key gone from the table.
                 let mut expected: BTreeSet<(u8, &str)> = BTreeSet::new();
                 for (id, score) in &table {
-                    if view.get(id) != Some(&payload(*id, *score)) {
+                    if view.get(id) != Some(&payload(*id, *score)) || unconfirmed.contains_key(id) {
                         expected.insert((*id, "upsert"));
                     }
                 }
-                for id in view.keys().filter(|id| !table.contains_key(id)) {
+                for id in view.keys().chain(unconfirmed.keys()).filter(|id| !table.contains_key(id)) {
                     expected.insert((*id, "delete"));
                 }
                 s.receiver.clear();
@@ -95,11 +98,17 @@ fn check(steps: Vec<Step>) {
                     assert!(sent.insert((id, op.clone())), "key {id} sent twice in one run");
                     let mut content = body.clone();
                     content.as_object_mut().unwrap().remove("_meta");
-                    let identity = format!("{id}/{op}/{content}");
                     let message_id = meta["message_id"].as_str().unwrap().to_string();
-                    let previous = ids.entry(identity.clone()).or_insert_with(|| message_id.clone());
-                    assert_eq!(previous, &message_id, "{identity} re-sent with another message id");
-                    if !f.contains(&id) {
+                    match unconfirmed.get(&id) {
+                        Some((o, c, previous)) if *o == op && *c == content => {
+                            assert_eq!(previous, &message_id, "{id}/{op}/{content} re-sent with another message id");
+                        }
+                        _ => assert!(seen_ids.insert(message_id.clone()), "{id}/{op}/{content} reuses an id"),
+                    }
+                    if f.contains(&id) {
+                        unconfirmed.insert(id, (op.clone(), content, message_id));
+                    } else {
+                        unconfirmed.remove(&id);
                         match op.as_str() {
                             "upsert" => view.insert(id, content),
                             _ => view.remove(&id),

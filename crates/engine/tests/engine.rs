@@ -318,3 +318,49 @@ fn a_primary_key_missing_from_the_query_is_a_clear_error() {
     let err = s.try_run(false).unwrap_err().to_string();
     assert!(err.contains("primary_key: column `id` is not returned by the query (columns: name)"), "{err}");
 }
+
+#[test]
+fn standard_webhooks_timestamps_are_taken_when_each_attempt_is_sent() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let s = Scenario::new(&format!(
+        "warehouse: wh\nquery: select id, name, score from items\nprimary_key: id\nmode: upsert\n\
+         destination:\n  url: \"{{URL}}/hook\"\n  signing: {{scheme: standard-webhooks, secret: \"{secret}\"}}\n  \
+         retry: {{attempts: 2, backoff: 5ms, max_backoff: 5s}}\n"
+    ));
+    s.sql("insert into items values (1, 'a', 10)");
+    // The first attempt is told to come back in two seconds.
+    s.receiver.respond(|_, i| if i == 0 { Reply::Full(429, vec![("retry-after".into(), "2".into())], String::new()) } else { Reply::Status(200) });
+    assert!(s.run().complete());
+    let requests = s.receiver.requests();
+    assert_eq!(requests.len(), 2);
+    let timestamp = |i: usize| requests[i].header("webhook-timestamp").unwrap().parse::<i64>().unwrap();
+    assert!(timestamp(1) - timestamp(0) >= 2, "the retry is signed when it is sent, not when it was built");
+    let key = backflow_sink::signing::standard_webhooks_key(secret).unwrap();
+    let id = requests[1].header("webhook-id").unwrap();
+    assert_eq!(id, requests[1].json()["_meta"]["message_id"].as_str().unwrap());
+    assert_eq!(
+        requests[1].header("webhook-signature").unwrap(),
+        backflow_sink::signing::standard_webhooks_signature(&key, id, timestamp(1), &requests[1].body)
+    );
+}
+
+#[test]
+fn occurrences_get_new_ids_and_deletes_answered_404_are_delivered() {
+    let s = Scenario::new(&sync_yaml("mirror", "  on_removed: {method: DELETE}\n"));
+    s.sql("insert into items values (1, 'a', 1)");
+    let (_, first) = s.run_bodies();
+    s.sql("update items set score = 2");
+    let (_, second) = s.run_bodies();
+    s.sql("update items set score = 1");
+    let (_, third) = s.run_bodies();
+    let ids: Vec<&str> = [&first, &second, &third].iter().map(|b| b[0]["_meta"]["message_id"].as_str().unwrap()).collect();
+    assert_eq!(first[0]["score"], third[0]["score"]);
+    assert_ne!(ids[0], ids[2], "A, B, A: the revert is a new occurrence");
+    // The record is already gone at the receiver: a DELETE answered 404.
+    s.sql("delete from items");
+    s.receiver.respond(|r, _| if r.method == "DELETE" { Reply::Status(404) } else { Reply::Status(200) });
+    let (report, bodies) = s.run_bodies();
+    assert_eq!(bodies.len(), 1);
+    assert!(report.complete(), "a delete answered 404 is delivered: {report:?}");
+    assert!(s.run_bodies().1.is_empty());
+}

@@ -185,9 +185,19 @@ impl<'de> Deserialize<'de> for RateLimit {
         if requests == 0 {
             return Err(bad());
         }
+        // The limiter spaces requests at least a microsecond apart.
+        if u64::from(requests) > per * MAX_RATE_PER_SECOND {
+            return Err(serde::de::Error::custom(format!(
+                "`{text}` is more than {MAX_RATE_PER_SECOND} requests per second; write a smaller rate, or leave \
+                 `rate_limit` out for no limit"
+            )));
+        }
         Ok(RateLimit { requests, per: std::time::Duration::from_secs(per) })
     }
 }
+
+/// The highest rate a `rate_limit` may give.
+pub const MAX_RATE_PER_SECOND: u64 = 1_000_000;
 
 fn yes() -> bool {
     true

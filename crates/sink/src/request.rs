@@ -25,6 +25,49 @@ pub struct HttpRequest {
     pub headers: HeaderMap,
     /// The exact body bytes (empty for `GET`).
     pub body: bytes::Bytes,
+    /// A signature over the time of sending (Standard Webhooks), made for
+    /// each attempt as it is sent ([`HttpRequest::attempt_headers`]).
+    pub timed: Option<TimedSignature>,
+}
+
+impl HttpRequest {
+    /// The bytes a signature covers: the request target for `GET`, the
+    /// body otherwise.
+    pub fn signed_bytes(&self) -> &[u8] {
+        if self.method == Method::Get {
+            self.target.path_and_query().map_or(b"/", |p| p.as_str().as_bytes())
+        } else {
+            &self.body
+        }
+    }
+
+    /// The headers made for one attempt sent at `unix_seconds`: the
+    /// Standard Webhooks id, timestamp and signature, when the destination
+    /// signs so (receivers refuse timestamps a few minutes old, so they are
+    /// never made ahead of time: a request waiting for the rate limit or a
+    /// retry is signed when it goes).
+    pub fn attempt_headers(&self, unix_seconds: i64) -> Vec<(HeaderName, HeaderValue)> {
+        let Some(timed) = &self.timed else { return Vec::new() };
+        let signature = signing::standard_webhooks_signature(&timed.key, &timed.id, unix_seconds, self.signed_bytes());
+        vec![
+            (HeaderName::from_static("webhook-signature"), text_value(signature)),
+            (HeaderName::from_static("webhook-id"), text_value(timed.id.clone())),
+            (HeaderName::from_static("webhook-timestamp"), HeaderValue::from(unix_seconds)),
+        ]
+    }
+}
+
+/// What a Standard Webhooks signature of a request needs besides the time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TimedSignature {
+    key: std::sync::Arc<[u8]>,
+    id: String,
+}
+
+impl std::fmt::Debug for TimedSignature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimedSignature").field("id", &self.id).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -36,7 +79,7 @@ struct Route {
 #[derive(Debug, Clone)]
 enum Signer {
     HmacSha1(Vec<u8>),
-    StandardWebhooks(Vec<u8>),
+    StandardWebhooks(std::sync::Arc<[u8]>),
 }
 
 /// A destination with its `${VAR}` references resolved and checked.
@@ -122,7 +165,9 @@ impl Destination {
                 Some(match s.scheme {
                     SigningScheme::HmacSha1 => Signer::HmacSha1(secret.into_bytes()),
                     SigningScheme::StandardWebhooks => Signer::StandardWebhooks(
-                        signing::standard_webhooks_key(&secret).map_err(|reason| invalid("signing.secret", &reason))?,
+                        signing::standard_webhooks_key(&secret)
+                            .map_err(|reason| invalid("signing.secret", &reason))?
+                            .into(),
                     ),
                 })
             }
@@ -259,30 +304,24 @@ impl Destination {
             (route.url.render(&first.route, &params)?, bytes::Bytes::from(body))
         };
         let target = origin_form(&url)?;
-        // What a GET signs: the request target exactly as sent.
-        let sent_target = target.path_and_query().map_or("/", |p| p.as_str());
-        let signed: &[u8] = if route.method == Method::Get { sent_target.as_bytes() } else { &body };
         let single = self.batch_size == 1;
         if single {
             headers.append(IDEMPOTENCY_KEY, text_value(first.message_id.clone()));
         }
+        let mut request = HttpRequest { method: route.method, url, target, headers, body, timed: None };
         match &self.signer {
             Some(Signer::HmacSha1(secret)) => {
-                headers.append(X_SIGNATURE, text_value(signing::hmac_sha1_hex(secret, signed)));
+                // Over the exact bytes only: the same for every attempt.
+                let signature = signing::hmac_sha1_hex(secret, request.signed_bytes());
+                request.headers.append(X_SIGNATURE, text_value(signature));
             }
             Some(Signer::StandardWebhooks(key)) => {
                 let id = if single { first.message_id.clone() } else { batch_id(records) };
-                let timestamp = chrono::Utc::now().timestamp();
-                headers.append(
-                    HeaderName::from_static("webhook-signature"),
-                    text_value(signing::standard_webhooks_signature(key, &id, timestamp, signed)),
-                );
-                headers.append(HeaderName::from_static("webhook-id"), text_value(id));
-                headers.append(HeaderName::from_static("webhook-timestamp"), HeaderValue::from(timestamp));
+                request.timed = Some(TimedSignature { key: key.clone(), id });
             }
             None => {}
         }
-        Ok(HttpRequest { method: route.method, url, target, headers, body })
+        Ok(request)
     }
 
     /// Sends `records` as one request; when a batch is refused with a
@@ -552,10 +591,14 @@ mod tests {
         )
         .unwrap();
         let r = sw.request(&[record(1, Change::Added)], &ctx()).unwrap();
-        let header = |n: &str| r.headers[n].to_str().unwrap().to_string();
-        assert_eq!(header("webhook-id"), "m1");
-        let key = signing::standard_webhooks_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-        let ts: i64 = header("webhook-timestamp").parse().unwrap();
-        assert_eq!(header("webhook-signature"), signing::standard_webhooks_signature(&key, "m1", ts, &r.body));
+        assert!(!r.headers.contains_key("webhook-timestamp"), "made per attempt, not when the request is built");
+        for ts in [1_614_265_330, 1_614_265_400] {
+            let headers = r.attempt_headers(ts);
+            let header = |n: &str| headers.iter().find(|(h, _)| h == n).unwrap().1.to_str().unwrap().to_string();
+            assert_eq!(header("webhook-id"), "m1");
+            assert_eq!(header("webhook-timestamp"), ts.to_string());
+            let key = signing::standard_webhooks_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+            assert_eq!(header("webhook-signature"), signing::standard_webhooks_signature(&key, "m1", ts, &r.body));
+        }
     }
 }

@@ -97,8 +97,9 @@ impl Origin {
     /// `request` as written on the wire: request line, headers (the `Host`
     /// line first, then `Authorization` from credentials in the URL unless
     /// one is configured), `Content-Length` for a body, then the body, in
-    /// one buffer for one write.
-    fn write(&self, request: &HttpRequest) -> Vec<u8> {
+    /// one buffer for one write. `attempt` are the headers made for this
+    /// attempt (a signature over the time of sending).
+    fn write(&self, request: &HttpRequest, attempt: &[(http::HeaderName, http::HeaderValue)]) -> Vec<u8> {
         let target = request.target.path_and_query().map_or("/", |p| p.as_str());
         let headers_len: usize = request.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
         let mut out = Vec::with_capacity(64 + target.len() + self.host_line.len() + headers_len + request.body.len());
@@ -112,7 +113,7 @@ impl Origin {
         {
             out.extend_from_slice(auth);
         }
-        for (name, value) in &request.headers {
+        for (name, value) in request.headers.iter().chain(attempt.iter().map(|(n, v)| (n, v))) {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
@@ -229,6 +230,11 @@ impl Sender {
         };
         match status {
             200..=299 => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
+            // What a DELETE removes is gone (a delete sent again after a
+            // crash, or of a record whose delivery was unconfirmed).
+            404 | 410 if request.method == Method::Delete => {
+                Attempt::Done(Outcome::Delivered { status, attempts: attempt })
+            }
             300..=399 => Attempt::Done(Outcome::Failed {
                 status: Some(status),
                 reason: format!(
@@ -302,7 +308,7 @@ impl Sender {
     /// counting an attempt (as browsers and Go's client do; delivery is at
     /// least once either way).
     async fn exchange(&self, origin: &Origin, request: &HttpRequest) -> Result<http1::Answer, Failure> {
-        let bytes = origin.write(request);
+        let bytes = origin.write(request, &request.attempt_headers(chrono::Utc::now().timestamp()));
         loop {
             let idle = origin.idle.lock().expect("idle lock").pop();
             let (mut conn, reused) = match idle {

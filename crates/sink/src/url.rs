@@ -9,8 +9,13 @@ use serde_json::{Map, Value};
 /// Everything but the unreserved characters of RFC 3986 is encoded.
 const STRICT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
-/// Percent-encodes one value (path segment, query name or query value).
+/// Percent-encodes one value (path segment, query name or query value). A
+/// value of dots only is written as `%2E`s, so that it cannot pass for a
+/// `.` or `..` path segment.
 pub fn encode(text: &str) -> String {
+    if !text.is_empty() && text.bytes().all(|b| b == b'.') {
+        return "%2E".repeat(text.len());
+    }
     utf8_percent_encode(text, STRICT).to_string()
 }
 
@@ -30,6 +35,14 @@ impl UrlTemplate {
     /// Parses and checks `url` (already `${VAR}`-expanded): an absolute
     /// http(s) URL whose scheme and host hold no placeholder.
     pub fn parse(url: &str) -> Result<UrlTemplate, String> {
+        if let Some((_, rest)) = url.split_once("://")
+            && rest.split(['/', '?', '#']).next().is_none_or(|authority| authority.rsplit('@').next() == Some(""))
+        {
+            return Err("it has no host after `://` (write e.g. `https://api.example.com/hook`)".into());
+        }
+        if !url.contains("://") {
+            return Err("it is not an absolute URL (write e.g. `https://api.example.com/hook`)".into());
+        }
         let mut parts = Vec::new();
         let mut rest = url;
         while let Some(open) = rest.find('{') {
@@ -87,6 +100,12 @@ impl UrlTemplate {
             }
         }
         let mut url = self.fill(&|c| values.get(c).map(scalar_text));
+        if let Some(segment) = dot_segment_from_data(&url) {
+            return Err(format!(
+                "the URL placeholders make the path segment `{segment}`, which servers and proxies read as a step \
+                 in the path (`.` or `..`), not as a value; the record is not sent"
+            ));
+        }
         if params.is_empty() {
             return Ok(url);
         }
@@ -102,6 +121,22 @@ impl UrlTemplate {
         url.push_str(&fragment);
         Ok(url)
     }
+}
+
+/// A path segment of `url` that is `.` or `..` once decoded and was made
+/// so by a placeholder value (its dots are percent-encoded: [`encode`]
+/// encodes a value of dots only as `%2E`s).
+fn dot_segment_from_data(url: &str) -> Option<String> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let path_start = url[after_scheme..].find('/').map(|i| after_scheme + i)?;
+    let path_end = url[path_start..].find(['?', '#']).map_or(url.len(), |i| path_start + i);
+    url[path_start..path_end]
+        .split('/')
+        .find(|segment| {
+            let upper = segment.to_ascii_uppercase();
+            upper.contains("%2E") && matches!(upper.replace("%2E", ".").as_str(), "." | "..")
+        })
+        .map(str::to_string)
 }
 
 /// A value as URL text: strings as they are, everything else as JSON text.
@@ -171,6 +206,23 @@ mod tests {
         let t = UrlTemplate::parse("http://h/u/{id}").unwrap();
         assert!(t.render(&map(json!({"id": null})), &[]).unwrap_err().contains("{id}"));
         assert_eq!(t.columns().collect::<Vec<_>>(), ["id"]);
+    }
+
+    #[test]
+    fn dot_segments_from_data_are_refused_and_dots_inside_values_kept() {
+        let t = UrlTemplate::parse("https://api.example.com/users/{id}/x{suffix}").unwrap();
+        for id in [".", ".."] {
+            let err = t.render(&map(json!({"id": id, "suffix": "1"})), &[]).unwrap_err();
+            assert!(err.contains("path segment `%2E"), "{id}: {err}");
+        }
+        let url = t.render(&map(json!({"id": "a.b", "suffix": "..."})), &[]).unwrap();
+        assert_eq!(url, "https://api.example.com/users/a.b/x%2E%2E%2E");
+        let split = UrlTemplate::parse("https://h/u/{a}{b}").unwrap();
+        assert!(split.render(&map(json!({"a": ".", "b": "."})), &[]).is_err(), "two values that make `..`");
+        let prefixed = UrlTemplate::parse("https://h/u/.{a}").unwrap();
+        assert!(prefixed.render(&map(json!({"a": "."})), &[]).is_err(), "a value that completes `..`");
+        let query = UrlTemplate::parse("https://h/u?x={a}").unwrap();
+        assert_eq!(query.render(&map(json!({"a": ".."})), &[]).unwrap(), "https://h/u?x=%2E%2E");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! are never downloaded), queried with a streaming result.
 
 use crate::{Message, Outbox, RowConsumer, SourceError, check_distinct, json};
+use duckdb::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use duckdb::{AccessMode, Config, Connection};
 use std::path::Path;
 use std::sync::Mutex;
@@ -62,9 +63,12 @@ impl DuckDbSource {
 /// early (quietly) when the consumer has gone.
 fn produce(conn: &Connection, query: &str, tx: &Outbox) -> Result<(), SourceError> {
     let query_err = |e: duckdb::Error| SourceError::Query(e.to_string());
+    // Asked before the query runs: the connection serves one statement at
+    // a time.
+    let types = column_types(conn, query);
     let mut stmt = conn.prepare(query).map_err(query_err)?;
     let batches = stmt.stream_arrow([]).map_err(query_err)?;
-    let schema = batches.get_schema();
+    let schema = marked(&types, batches.get_schema());
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     check_distinct(&names)?;
     for field in schema.fields() {
@@ -74,9 +78,41 @@ fn produce(conn: &Connection, query: &str, tx: &Outbox) -> Result<(), SourceErro
         return Ok(());
     }
     for batch in batches {
-        if tx.send(Ok(Message::Batch(batch.map_err(query_err)?))).is_err() {
+        let batch = batch.map_err(query_err)?.with_schema(schema.clone()).map_err(|e| SourceError::Query(e.to_string()))?;
+        if tx.send(Ok(Message::Batch(batch))).is_err() {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// The DuckDB type names of the query's columns (none when DuckDB cannot
+/// describe it; the query itself then says why).
+fn column_types(conn: &Connection, query: &str) -> Vec<String> {
+    conn.prepare(&format!("DESCRIBE {}", query.trim_end().trim_end_matches(';')))
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get::<_, String>(1))?.collect())
+        .unwrap_or_default()
+}
+
+/// `schema` with its UHUGEINT columns marked ([`json::UHUGEINT`]): Arrow
+/// carries them as DECIMAL(38, 0) like HUGEINT; `types` are DuckDB's.
+fn marked(types: &[String], schema: SchemaRef) -> SchemaRef {
+    let wide = |f: &Field| matches!(f.data_type(), DataType::Decimal128(_, 0));
+    if types.len() != schema.fields().len() || !types.iter().any(|t| t == "UHUGEINT") {
+        return schema;
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(types)
+        .map(|(f, t)| {
+            let field = f.as_ref().clone();
+            if wide(f) && *t == "UHUGEINT" {
+                field.with_metadata(std::collections::HashMap::from([(json::UHUGEINT.to_string(), String::new())]))
+            } else {
+                field
+            }
+        })
+        .collect();
+    std::sync::Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }

@@ -207,11 +207,41 @@ pub enum ColumnWriter<'a> {
     Decimal(&'a Decimal128Array, usize),
     /// DATE.
     Date(&'a Date32Array),
+    /// UHUGEINT, which Arrow carries as DECIMAL(38, 0) ([`UHUGEINT`]).
+    UHugeInt(&'a Decimal128Array),
     /// Anything else, through [`cell`].
     Other(&'a dyn Array),
 }
 
+/// The field metadata key that marks a DECIMAL(38, 0) column as DuckDB's
+/// UHUGEINT: Arrow has no unsigned 128-bit type, and DuckDB hands the bits
+/// over as a signed decimal, which reads values from 2^127 up as negative.
+/// The source marks such columns; their values are read unsigned.
+pub const UHUGEINT: &str = "backflow.uhugeint";
+
+/// Whether `field` is a UHUGEINT column ([`UHUGEINT`]).
+pub fn is_uhugeint(field: &duckdb::arrow::datatypes::Field) -> bool {
+    matches!(field.data_type(), DataType::Decimal128(_, 0)) && field.metadata().contains_key(UHUGEINT)
+}
+
+/// The JSON value of row `i` of `array`, the column `field`: [`cell`], with
+/// UHUGEINT columns read unsigned.
+pub fn field_cell(field: &duckdb::arrow::datatypes::Field, array: &dyn Array, i: usize) -> Result<Value, String> {
+    if is_uhugeint(field) && !array.is_null(i) {
+        return Ok(exact_number(&(array.as_primitive::<Decimal128Type>().value(i) as u128).to_string()));
+    }
+    cell(array, i)
+}
+
 impl<'a> ColumnWriter<'a> {
+    /// The writer for `array`, the column `field`.
+    pub fn for_field(field: &duckdb::arrow::datatypes::Field, array: &'a dyn Array) -> ColumnWriter<'a> {
+        if is_uhugeint(field) {
+            return ColumnWriter::UHugeInt(array.as_primitive::<Decimal128Type>());
+        }
+        ColumnWriter::new(array)
+    }
+
     /// The writer for `array`.
     pub fn new(array: &'a dyn Array) -> ColumnWriter<'a> {
         use DataType::*;
@@ -258,7 +288,7 @@ impl<'a> ColumnWriter<'a> {
             ColumnWriter::Utf8(a) => *a,
             ColumnWriter::LargeUtf8(a) => *a,
             ColumnWriter::Utf8View(a) => *a,
-            ColumnWriter::Decimal(a, _) => *a,
+            ColumnWriter::Decimal(a, _) | ColumnWriter::UHugeInt(a) => *a,
             ColumnWriter::Date(a) => *a,
         };
         if array.is_null(i) {
@@ -274,6 +304,7 @@ impl<'a> ColumnWriter<'a> {
             ColumnWriter::Utf8View(a) => string(a.value(i), out),
             ColumnWriter::Decimal(a, scale) => decimal(a.value(i), *scale, out),
             ColumnWriter::Date(a) => write_date(a.value(i) as i64, out),
+            ColumnWriter::UHugeInt(a) => out.extend_from_slice((a.value(i) as u128).to_string().as_bytes()),
             ColumnWriter::Other(a) => serialize(&cell(*a, i)?, out),
         }
         Ok(())

@@ -173,7 +173,7 @@ pub trait RowConsumer {
                 .iter()
                 .zip(batch.schema().fields())
                 .map(|(column, field)| {
-                    json::cell(column.as_ref(), i).map_err(|t| {
+                    json::field_cell(field, column.as_ref(), i).map_err(|t| {
                         SourceError::UnsupportedType { column: field.name().clone(), type_name: t }.to_string()
                     })
                 })

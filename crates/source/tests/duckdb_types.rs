@@ -49,6 +49,37 @@ fn integers_keep_every_digit() {
 }
 
 #[test]
+fn every_integer_type_is_exact_at_both_ends() {
+    for (ty, low, high) in [
+        ("TINYINT", "-128", "127"),
+        ("SMALLINT", "-32768", "32767"),
+        ("INTEGER", "-2147483648", "2147483647"),
+        ("BIGINT", "-9223372036854775808", "9223372036854775807"),
+        ("HUGEINT", "-170141183460469231731687303715884105728", "170141183460469231731687303715884105727"),
+        ("UTINYINT", "0", "255"),
+        ("USMALLINT", "0", "65535"),
+        ("UINTEGER", "0", "4294967295"),
+        ("UBIGINT", "0", "18446744073709551615"),
+        ("UHUGEINT", "0", "340282366920938463463374607431768211455"),
+    ] {
+        for value in [low, high] {
+            assert_eq!(json_of(&format!("'{value}'::{ty}")), value, "{ty}");
+        }
+    }
+    // Just past the signed range, where a signed reading turns negative.
+    assert_eq!(
+        json_of("'170141183460469231731687303715884105728'::UHUGEINT"),
+        "170141183460469231731687303715884105728"
+    );
+    // Beside other columns, and NULL.
+    let mut c = Collect::default();
+    memory()
+        .stream("select 1::HUGEINT as h, NULL::UHUGEINT as n, (~0::UHUGEINT) as u", &mut c)
+        .unwrap();
+    assert_eq!(serde_json::to_string(&c.rows[0]).unwrap(), "[1,null,340282366920938463463374607431768211455]");
+}
+
+#[test]
 fn decimals_keep_their_scale_and_precision() {
     assert_eq!(json_of("12.50::DECIMAL(10,2)"), "12.50");
     assert_eq!(json_of("(-0.001)::DECIMAL(4,3)"), "-0.001");

@@ -2,6 +2,7 @@
 //! fail, stall and recover, recording every request it gets.
 #![deny(missing_docs)]
 
+pub mod faults;
 pub mod postgres;
 
 use axum::Router;

@@ -61,6 +61,23 @@ impl TestDatabase {
     pub fn execute(&self, sql: &str) {
         run_sql(self.url.clone(), sql.to_string()).unwrap_or_else(|e| panic!("test SQL failed: {e}"));
     }
+
+    /// The first column of the first row of `sql`, a `bigint`.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        let (url, sql) = (self.url.clone(), sql.to_string());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            runtime.block_on(async move {
+                let mut conn = PgConnection::connect(&url).await?;
+                let value: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut conn).await?;
+                let _ = conn.close().await;
+                Ok::<i64, sqlx::Error>(value)
+            })
+        })
+        .join()
+        .expect("the Postgres helper thread panicked")
+        .unwrap_or_else(|e| panic!("test SQL failed: {e}"))
+    }
 }
 
 impl Drop for TestDatabase {

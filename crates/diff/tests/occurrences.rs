@@ -1,0 +1,176 @@
+//! Occurrences across crashes: what a delivery that never finished leaves
+//! for the next run (records possibly delivered), and generations that give
+//! every new occurrence of a key a new message id while a re-send keeps its.
+
+use backflow_core::{Change, Mode, Op, message_id};
+use backflow_diff::{OutboxRow, StateStore};
+
+fn key(id: u32) -> String {
+    format!(r#"{{"id":{id}}}"#)
+}
+
+fn open(dir: &tempfile::TempDir) -> StateStore {
+    StateStore::open(dir.path(), "s", "256MB").unwrap()
+}
+
+/// Stages rows (id, value) and diffs them in `mode`; returns the outbox.
+fn diff(store: &StateStore, mode: Mode, rows: &[(u32, &str)]) -> Vec<OutboxRow> {
+    let mut stager = store.stager().unwrap();
+    for (id, v) in rows {
+        let payload = format!(r#"{{"v":"{v}"}}"#);
+        stager.push(&key(*id), backflow_core::fingerprint_text(&payload), Some(&payload), None).unwrap();
+    }
+    stager.finish().unwrap();
+    store.diff(mode, false).unwrap();
+    if mode.forgets_removed() {
+        store.forget_removed().unwrap();
+    }
+    store.outbox_page(0, 10_000).unwrap()
+}
+
+/// Delivers `rows` as a run would: begins the delivery, acknowledges the
+/// records for which `acked` holds, and folds (or not: a crash).
+fn deliver(store: &StateStore, rows: &[OutboxRow], acked: impl Fn(&OutboxRow) -> bool, fold: bool) {
+    store.begin_delivery("run").unwrap();
+    let acks: Vec<u64> = rows.iter().filter(|r| acked(r)).map(|r| r.row_num).collect();
+    store.ack("run", &acks).unwrap();
+    if fold {
+        store.fold_acks().unwrap();
+    }
+}
+
+fn id(row: &OutboxRow) -> String {
+    message_id("s", &row.key, row.op, row.fingerprint, row.generation)
+}
+
+fn find<'a>(rows: &'a [OutboxRow], id: u32) -> &'a OutboxRow {
+    rows.iter().find(|r| r.key == key(id)).unwrap_or_else(|| panic!("key {id} is not in the outbox: {rows:?}"))
+}
+
+fn value(row: &OutboxRow) -> String {
+    let v: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+    v["v"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn records_in_flight_when_the_process_died_are_possibly_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let first = diff(&store, Mode::Mirror, &[(1, "a"), (2, "b"), (3, "c"), (4, "d")]);
+    // Key 1 acknowledged; 2, 3 and 4 in flight when the process dies.
+    deliver(&store, &first, |r| r.key == key(1), false);
+    let in_flight_3 = id(find(&first, 3));
+    drop(store);
+
+    let store = open(&dir);
+    store.verify().unwrap();
+    // 2 leaves the query, 3 is unchanged, 4 changes.
+    let next = diff(&store, Mode::Mirror, &[(1, "a"), (3, "c"), (4, "D")]);
+    assert_eq!(next.len(), 3, "{next:?}");
+    let deleted = find(&next, 2);
+    assert_eq!((deleted.change, deleted.op), (Change::Removed, Op::Delete), "a key that may have arrived is deleted");
+    assert_eq!(value(deleted), "b", "with the payload that may have been delivered");
+    let resent = find(&next, 3);
+    assert_eq!(id(resent), in_flight_3, "the same change is sent again under the same id");
+    let changed = find(&next, 4);
+    assert_eq!(value(changed), "D");
+    assert_ne!(changed.generation, find(&first, 4).generation, "a new occurrence");
+
+    // Once those are delivered, nothing is pending and the deleted key is gone.
+    deliver(&store, &next, |_| true, true);
+    assert!(!store.has_pending().unwrap());
+    assert!(diff(&store, Mode::Mirror, &[(1, "a"), (3, "c"), (4, "D")]).is_empty());
+    store.verify().unwrap();
+}
+
+#[test]
+fn an_unconfirmed_record_is_sent_again_even_when_its_row_went_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let first = diff(&store, Mode::Upsert, &[(1, "a")]);
+    deliver(&store, &first, |_| true, true);
+    // B is sent, its answer never recorded (a timeout, a crash).
+    let second = diff(&store, Mode::Upsert, &[(1, "b")]);
+    deliver(&store, &second, |_| false, true);
+    assert!(store.has_pending().unwrap());
+    // The row is A again, which the snapshot holds: the receiver may hold B.
+    let third = diff(&store, Mode::Upsert, &[(1, "a")]);
+    assert_eq!(third.len(), 1, "sent although equal to the confirmed delivery");
+    assert_eq!((third[0].change, value(&third[0])), (Change::Changed, "a".to_string()));
+    let ids = [id(&first[0]), id(&second[0]), id(&third[0])];
+    assert!(ids[0] != ids[2] && ids[1] != ids[2], "A, B, A again: three occurrences, three ids: {ids:?}");
+}
+
+#[test]
+fn a_value_that_changes_back_is_a_new_occurrence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut ids = Vec::new();
+    for v in ["a", "b", "a", "b"] {
+        let rows = diff(&store, Mode::Upsert, &[(1, v)]);
+        assert_eq!(rows.len(), 1);
+        ids.push(id(&rows[0]));
+        deliver(&store, &rows, |_| true, true);
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+}
+
+#[test]
+fn a_key_deleted_listed_again_and_deleted_again_gets_new_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // Delete mode: the query lists keys to delete, each once.
+    let mut ids = Vec::new();
+    for listed in [true, false, true] {
+        let rows = diff(&store, Mode::Delete, if listed { &[(1, "x")] } else { &[] });
+        ids.extend(rows.iter().map(id));
+        deliver(&store, &rows, |_| true, true);
+    }
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1], "the second delete of the key is a new occurrence");
+
+    // Mirror mode: added, deleted, added again as it was, deleted again.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut ids = Vec::new();
+    for listed in [true, false, true, false] {
+        let rows = diff(&store, Mode::Mirror, if listed { &[(1, "x")] } else { &[] });
+        assert_eq!(rows.len(), 1);
+        ids.push(id(&rows[0]));
+        deliver(&store, &rows, |_| true, true);
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+}
+
+#[test]
+fn a_retried_change_keeps_its_id_and_reset_starts_new_occurrences() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let first = diff(&store, Mode::Mirror, &[(1, "a"), (2, "b")]);
+    // Key 2 refused or failing: not acknowledged.
+    deliver(&store, &first, |r| r.key == key(1), true);
+    let retry = diff(&store, Mode::Mirror, &[(1, "a"), (2, "b")]);
+    assert_eq!(retry.len(), 1);
+    assert_eq!(id(&retry[0]), id(find(&first, 2)), "a retry next run keeps the id");
+    deliver(&store, &retry, |_| true, true);
+    store.reset().unwrap();
+    let again = diff(&store, Mode::Mirror, &[(1, "a"), (2, "b")]);
+    assert_eq!(again.len(), 2);
+    assert_ne!(id(find(&again, 1)), id(find(&first, 1)), "after a reset, sending again is a new occurrence");
+    store.verify().unwrap();
+}
+
+#[test]
+fn a_delivery_that_never_began_leaves_nothing_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // The diff was written, and the process died before sending.
+    diff(&store, Mode::Mirror, &[(1, "a")]);
+    drop(store);
+    let store = open(&dir);
+    assert!(!store.has_pending().unwrap());
+    // A key that left the query before any delivery is not deleted.
+    assert!(diff(&store, Mode::Mirror, &[]).is_empty());
+}
