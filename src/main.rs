@@ -270,9 +270,7 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
         Command::Listen { port, secret_env, status, quiet } => {
             let secret = match secret_env {
                 Some(var) => Some(
-                    env.get(var)
-                        .with_context(|| format!("--secret-env {var}: the variable is not set"))?
-                        .into_bytes(),
+                    env.get(var).with_context(|| format!("--secret-env {var}: the variable is not set"))?.into_bytes(),
                 ),
                 None => None,
             };

@@ -74,7 +74,11 @@ fn cases() -> Vec<Case> {
             replace("primary_key: id", "primary_key: {id: 1}"),
             &["syncs/s.yaml:3:", "primary_key: write one column"],
         ),
-        case("empty primary key", replace("primary_key: id", "primary_key: []"), &["primary_key: name at least one column"]),
+        case(
+            "empty primary key",
+            replace("primary_key: id", "primary_key: []"),
+            &["primary_key: name at least one column"],
+        ),
         case(
             "bad sync name",
             |s| format!("name: \"crm contacts\"\n{s}"),
@@ -91,7 +95,11 @@ fn cases() -> Vec<Case> {
             &["syncs/s.yaml:2:", "BF_UNSET_TABLE is not set"],
         ),
         case("URL scheme", replace("\"{URL}/hook\"", "\"ftp://example.com/hook\""), &["url", "not http or https"]),
-        case("URL without host", replace("\"{URL}/hook\"", "\"http:///hook\""), &["url", "no host", "https://api.example.com/hook"]),
+        case(
+            "URL without host",
+            replace("\"{URL}/hook\"", "\"http:///hook\""),
+            &["url", "no host", "https://api.example.com/hook"],
+        ),
         case("relative URL", replace("\"{URL}/hook\"", "\"/hook\""), &["url", "not an absolute URL"]),
         case(
             "placeholder in the host",
@@ -110,17 +118,9 @@ fn cases() -> Vec<Case> {
             |s| s.replace("/hook\"", "/hook/{id}\"") + "  batch_size: 10\n",
             &["batch_size", "per record"],
         ),
-        case(
-            "framing header",
-            dest("  headers: {Host: example.com}\n"),
-            &["Host", "Backflow sets this header itself"],
-        ),
+        case("framing header", dest("  headers: {Host: example.com}\n"), &["Host", "Backflow sets this header itself"]),
         case("bad header name", dest("  headers: {\"bad header\": x}\n"), &["bad header", "not a valid header name"]),
-        case(
-            "header value with a line break",
-            dest("  headers: {X-A: \"a\\r\\nb\"}\n"),
-            &["X-A", "CR, LF or NUL"],
-        ),
+        case("header value with a line break", dest("  headers: {X-A: \"a\\r\\nb\"}\n"), &["X-A", "CR, LF or NUL"]),
         case("rate not a rate", dest("  rate_limit: fast\n"), &["syncs/s.yaml:7:", "`fast` is not a rate", "`50/s`"]),
         case(
             "rate too high",
@@ -131,11 +131,7 @@ fn cases() -> Vec<Case> {
         case("concurrency 0", dest("  concurrency: 0\n"), &["destination.concurrency", "between 1 and 10000"]),
         case("duration not a duration", dest("  timeout: soon\n"), &["syncs/s.yaml:7:", "soon"]),
         case("zero timeout", dest("  timeout: 0s\n"), &["destination.timeout", "longer than 0"]),
-        case(
-            "zero attempts",
-            dest("  retry: {attempts: 0}\n"),
-            &["destination.retry.attempts", "at least 1"],
-        ),
+        case("zero attempts", dest("  retry: {attempts: 0}\n"), &["destination.retry.attempts", "at least 1"]),
         case(
             "unknown signing scheme",
             dest("  signing: {scheme: hmac-md5, secret: x}\n"),
@@ -178,7 +174,11 @@ fn cases() -> Vec<Case> {
         },
         Case {
             args: vec!["run", "ss"],
-            ..case("unknown sync on the command line", |s| s.to_string(), &["sync ss", "no such sync", "did you mean `s`"])
+            ..case(
+                "unknown sync on the command line",
+                |s| s.to_string(),
+                &["sync ss", "no such sync", "did you mean `s`"],
+            )
         },
         Case {
             project: format!("{PROJECT}state:\n  memory_limit: lots\n"),
@@ -201,8 +201,12 @@ fn cases() -> Vec<Case> {
             ..case("two syncs with one name", |s| s.to_string(), &["names must be unique"])
         },
         Case {
-            args: vec!["inspect", "s", "{\"id\": "],
-            ..case("unreadable key on the command line", |s| s.to_string(), &["key"])
+            args: vec!["inspect", "s", "{\"name\": 1}"],
+            ..case(
+                "a key without its primary-key column",
+                |s| s.to_string(),
+                &["key {\"name\": 1} has no value for primary-key column `id`"],
+            )
         },
     ]
 }
@@ -288,7 +292,9 @@ pub fn secrets(tally: &mut Tally) {
         let auth = r.header("authorization").unwrap_or_default().to_string();
         match i {
             0 | 1 => backflow_testkit::Reply::Status(503),
-            _ if r.json()["score"] == 3 => backflow_testkit::Reply::Full(400, vec![], format!("bad record; you sent {auth}")),
+            _ if r.json()["score"] == 3 => {
+                backflow_testkit::Reply::Full(400, vec![], format!("bad record; you sent {auth}"))
+            }
             _ => backflow_testkit::Reply::Status(200),
         }
     });
@@ -340,7 +346,11 @@ pub fn secrets(tally: &mut Tally) {
             format!("{PROJECT}  pg:\n    type: postgres\n    url: \"{url}\"\n"),
         )
         .unwrap();
-        std::fs::write(dir.path().join("syncs/p.yaml"), sync.replace("warehouse: wh", "warehouse: pg").replace("from items", "from itemz")).unwrap();
+        std::fs::write(
+            dir.path().join("syncs/p.yaml"),
+            sync.replace("warehouse: wh", "warehouse: pg").replace("from items", "from itemz"),
+        )
+        .unwrap();
         for args in [vec!["-vv", "run", "p"], vec!["check", "p"], vec!["plan", "p"]] {
             let ran = run_in(dir.path(), &args, &envs);
             outputs.push((args.join(" "), ran.all()));

@@ -46,7 +46,7 @@ fn transient_failures(_: &mut Tally, _: usize) -> Verdict {
     }
     let (injected, requests) = bench.receiver.injected();
     assert!(Fault::ALL.iter().all(|f| injected.get(f).copied().unwrap_or(0) > 0), "every fault injected: {injected:?}");
-    assert!(requests > 1000, "{requests} requests");
+    assert!(requests > 500, "{requests} requests");
     bench.settle();
     bench.verdict()
 }
@@ -79,7 +79,7 @@ fn permanent_rejections(_: &mut Tally, _: usize) -> Verdict {
     });
     let ran = bench.run();
     assert_eq!(ran.code, 1, "{}", ran.all());
-    assert!(ran.all().contains(&format!("{refused} rejected")), "{}", ran.all());
+    assert!(ran.all().contains(&format!("rejected {refused}")), "{}", ran.all());
     assert!(ran.all().contains("422"), "the status is reported\n{}", ran.all());
     let delivered = bench.view();
     assert_eq!(delivered.len(), 200 - refused, "the other records were delivered");
@@ -150,14 +150,15 @@ fn disk_full(_: &mut Tally, _: usize) -> Verdict {
     let mut bench = Bench::new("mirror", "", 200, 14);
     let mount = bench.dir.path().join("small");
     std::fs::create_dir(&mount).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&mount)
-        .output();
+    let mounted =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(&mount).output();
     match mounted {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
-            eprintln!("SKIPPED disk-full scenario: cannot mount a tmpfs ({})", String::from_utf8_lossy(&out.stderr).trim());
+            eprintln!(
+                "SKIPPED disk-full scenario: cannot mount a tmpfs ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             return Verdict::default();
         }
         Err(e) => {

@@ -38,8 +38,8 @@ mod store;
 mod warehouse;
 
 pub use store::{
-    Delivered, DiffCounts, HashSet64, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore, Unconfirmed,
-    key_hash, now, pair_hash,
+    Delivered, DiffCounts, HashSet64, InvalidKeys, KeyRecord, OutboxRow, Rejection, RunRecord, Stager, StateStore,
+    Unconfirmed, key_hash, now, pair_hash,
 };
 pub use warehouse::{CandidateColumns, InWarehouse, OutboxWriter, Scan};
 
@@ -80,7 +80,7 @@ pub enum DiffError {
         detail: String,
     },
     /// A state query failed.
-    #[error("state store error: {0}")]
+    #[error("the state store failed: {0}")]
     Store(#[from] duckdb::Error),
 }
 

@@ -627,17 +627,18 @@ impl StateStore {
         }
         let mut added = 0;
         if removed_op == Some(Op::Delete) {
+            // The payload that may have been delivered last: an unconfirmed
+            // upsert's, or an unconfirmed delete's (sent again as it was).
             self.conn.execute_batch(
                 "UPDATE outbox SET payload = p.payload, fingerprint = p.fingerprint, route = p.route
-                 FROM pending p WHERE outbox.key = p.key AND outbox.change = 'removed' AND p.op <> 'delete'",
+                 FROM pending p WHERE outbox.key = p.key AND outbox.change = 'removed'",
             )?;
             added = self.conn.execute(
                 "INSERT INTO outbox (row_num, key, change, op, fingerprint, payload, route, row_hash, gen)
                  SELECT (SELECT coalesce(max(row_num), 0) FROM outbox) + row_number() OVER (ORDER BY p.key),
                         p.key, 'removed', 'delete', p.fingerprint, p.payload, p.route, NULL, p.gen
                  FROM pending p
-                 WHERE p.op <> 'delete' AND p.key NOT IN (SELECT key FROM snapshot)
-                   AND p.key NOT IN (SELECT key FROM outbox)",
+                 WHERE p.key NOT IN (SELECT key FROM snapshot) AND p.key NOT IN (SELECT key FROM outbox)",
                 [],
             )? as u64;
         }
@@ -766,10 +767,8 @@ impl StateStore {
                      WHERE key NOT IN (SELECT key FROM snapshot) AND key NOT IN (SELECT key FROM outbox)",
                 )?;
             }
-            forgotten = conn.execute(
-                "DELETE FROM snapshot WHERE key IN (SELECT key FROM forgotten WHERE key IS NOT NULL)",
-                [],
-            )?;
+            forgotten = conn
+                .execute("DELETE FROM snapshot WHERE key IN (SELECT key FROM forgotten WHERE key IS NOT NULL)", [])?;
             conn.execute_batch(
                 "DELETE FROM pending WHERE key IN (SELECT key FROM forgotten);
                  DELETE FROM retired WHERE key IN (SELECT key FROM forgotten);
@@ -855,9 +854,7 @@ impl StateStore {
             })?;
         let kept = snapshot_rows.saturating_sub(replacing as u64);
         let occurrences = Occurrences { pending: self.has_pending()?, retired: self.has_retired()? };
-        if outbox_rows as u64 == acked
-            && kept <= acked
-            && self.count("SELECT count(DISTINCT run_id) FROM acked")? == 1
+        if outbox_rows as u64 == acked && kept <= acked && self.count("SELECT count(DISTINCT run_id) FROM acked")? == 1
         {
             self.outbox_becomes_snapshot(occurrences)?;
             return Ok(acked);
@@ -1139,7 +1136,13 @@ impl StateStore {
         let unconfirmed = self
             .conn
             .query_row("SELECT op, payload, fingerprint, gen, run_id FROM pending WHERE key = ?", [key], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, i64>(3)?, r.get(4)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get(4)?,
+                ))
             })
             .optional()?
             .map(|(op, payload, fingerprint, generation, run_id)| {

@@ -174,3 +174,24 @@ fn a_delivery_that_never_began_leaves_nothing_pending() {
     // A key that left the query before any delivery is not deleted.
     assert!(diff(&store, Mode::Mirror, &[]).is_empty());
 }
+
+#[test]
+fn an_unconfirmed_delete_of_an_unconfirmed_record_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // A new row is sent, never acknowledged.
+    let first = diff(&store, Mode::Mirror, &[(1, "a")]);
+    deliver(&store, &first, |_| false, true);
+    // It leaves the query: its delete is sent, never acknowledged either.
+    let second = diff(&store, Mode::Mirror, &[]);
+    assert_eq!((second.len(), second[0].op), (1, Op::Delete));
+    deliver(&store, &second, |_| false, true);
+    // The receiver may still hold the row: the delete goes again, as it was.
+    let third = diff(&store, Mode::Mirror, &[]);
+    assert_eq!(third.len(), 1, "the delete is sent again");
+    assert_eq!((third[0].op, value(&third[0])), (Op::Delete, "a".to_string()));
+    assert_eq!(id(&third[0]), id(&second[0]), "under the same id");
+    deliver(&store, &third, |_| true, true);
+    assert!(diff(&store, Mode::Mirror, &[]).is_empty());
+    store.verify().unwrap();
+}

@@ -145,8 +145,8 @@ impl Engine {
     /// commas, or for a one-column key just the value.
     pub fn inspect(&self, sync: &str, key: &str) -> Result<KeyRecord, EngineError> {
         let columns = self.project.sync(sync)?.key_columns();
-        let store = self.store(sync)?;
         let candidates = key_candidates(&columns, key)?;
+        let store = self.store(sync)?;
         let mut first = None;
         for text in candidates {
             let record = store.lookup(&text)?;

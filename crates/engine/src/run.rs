@@ -508,57 +508,58 @@ impl Engine {
         let mut last_commit: Option<Instant> = None;
         let (mut commits, mut committing) = (0u32, Duration::ZERO);
         progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
-        let looped: Result<(), EngineError> = async { loop {
-            let room = async {
-                match &pages {
-                    Some(tx) => tx.reserve().await.ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            // Set when every page is handed over, or the encoder stopped
-            // (the sending task stopped early: circuit breaker).
-            let mut close = false;
-            // Acks waiting are committed on time even while no result comes.
-            let commit_at = last_commit.map_or_else(tokio::time::Instant::now, |at| (at + ACK_INTERVAL).into());
-            tokio::select! {
-                _ = tokio::time::sleep_until(commit_at), if !acks.is_empty() => {}
-                permit = room => match permit {
-                    Some(permit) => {
-                        let page = p.store.outbox_page(after, page_size)?;
-                        page_size = next_page_size(&page, page_size, least);
-                        match page.last() {
-                            Some(last) => {
-                                after = last.row_num;
-                                permit.send(page);
+        let looped: Result<(), EngineError> = async {
+            loop {
+                let room = async {
+                    match &pages {
+                        Some(tx) => tx.reserve().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                // Set when every page is handed over, or the encoder stopped
+                // (the sending task stopped early: circuit breaker).
+                let mut close = false;
+                // Acks waiting are committed on time even while no result comes.
+                let commit_at = last_commit.map_or_else(tokio::time::Instant::now, |at| (at + ACK_INTERVAL).into());
+                tokio::select! {
+                    _ = tokio::time::sleep_until(commit_at), if !acks.is_empty() => {}
+                    permit = room => match permit {
+                        Some(permit) => {
+                            let page = p.store.outbox_page(after, page_size)?;
+                            page_size = next_page_size(&page, page_size, least);
+                            match page.last() {
+                                Some(last) => {
+                                    after = last.row_num;
+                                    permit.send(page);
+                                }
+                                None => close = true,
                             }
-                            None => close = true,
+                        }
+                        None => close = true,
+                    },
+                    chunk = results.recv() => {
+                        let Some(chunk) = chunk else { break };
+                        let chunk: Vec<(Record, Outcome)> = chunk;
+                        progress.advance(chunk.len() as u64);
+                        for (record, outcome) in chunk {
+                            settle(record, outcome, report, &mut acks, &mut failures);
                         }
                     }
-                    None => close = true,
-                },
-                chunk = results.recv() => {
-                    let Some(chunk) = chunk else { break };
-                    let chunk: Vec<(Record, Outcome)> = chunk;
-                    progress.advance(chunk.len() as u64);
-                    for (record, outcome) in chunk {
-                        settle(record, outcome, report, &mut acks, &mut failures);
-                    }
+                }
+                if close {
+                    pages = None;
+                }
+                let due = last_commit.is_none_or(|at| at.elapsed() >= ACK_INTERVAL);
+                if acks.len() >= ACK_BATCH || (!acks.is_empty() && due) {
+                    let at = Instant::now();
+                    p.store.ack(&ctx.run_id, &acks)?;
+                    acks.clear();
+                    last_commit = Some(Instant::now());
+                    commits += 1;
+                    committing += at.elapsed();
                 }
             }
-            if close {
-                pages = None;
-            }
-            let due = last_commit.is_none_or(|at| at.elapsed() >= ACK_INTERVAL);
-            if acks.len() >= ACK_BATCH || (!acks.is_empty() && due) {
-                let at = Instant::now();
-                p.store.ack(&ctx.run_id, &acks)?;
-                acks.clear();
-                last_commit = Some(Instant::now());
-                commits += 1;
-                committing += at.elapsed();
-            }
-        }
-        Ok(())
+            Ok(())
         }
         .await;
         if let Err(e) = looped {
@@ -847,7 +848,13 @@ impl Engine {
         })();
         let url = self.env.expand(&sync.spec.destination.url).unwrap_or_default();
         let destination = reach(&url, sync.spec.destination.connect_timeout.get()).await;
-        Ok(CheckReport { sync: name.to_string(), source, destination })
+        // A warehouse's error may quote the query with its `${VAR}` values.
+        let redact = |e: String| self.env.redact(&e);
+        Ok(CheckReport {
+            sync: name.to_string(),
+            source: source.map_err(redact),
+            destination: destination.map_err(redact),
+        })
     }
 }
 

@@ -329,7 +329,13 @@ fn standard_webhooks_timestamps_are_taken_when_each_attempt_is_sent() {
     ));
     s.sql("insert into items values (1, 'a', 10)");
     // The first attempt is told to come back in two seconds.
-    s.receiver.respond(|_, i| if i == 0 { Reply::Full(429, vec![("retry-after".into(), "2".into())], String::new()) } else { Reply::Status(200) });
+    s.receiver.respond(|_, i| {
+        if i == 0 {
+            Reply::Full(429, vec![("retry-after".into(), "2".into())], String::new())
+        } else {
+            Reply::Status(200)
+        }
+    });
     assert!(s.run().complete());
     let requests = s.receiver.requests();
     assert_eq!(requests.len(), 2);
@@ -353,7 +359,8 @@ fn occurrences_get_new_ids_and_deletes_answered_404_are_delivered() {
     let (_, second) = s.run_bodies();
     s.sql("update items set score = 1");
     let (_, third) = s.run_bodies();
-    let ids: Vec<&str> = [&first, &second, &third].iter().map(|b| b[0]["_meta"]["message_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        [&first, &second, &third].iter().map(|b| b[0]["_meta"]["message_id"].as_str().unwrap()).collect();
     assert_eq!(first[0]["score"], third[0]["score"]);
     assert_ne!(ids[0], ids[2], "A, B, A: the revert is a new occurrence");
     // The record is already gone at the receiver: a DELETE answered 404.

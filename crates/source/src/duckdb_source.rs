@@ -78,7 +78,8 @@ fn produce(conn: &Connection, query: &str, tx: &Outbox) -> Result<(), SourceErro
         return Ok(());
     }
     for batch in batches {
-        let batch = batch.map_err(query_err)?.with_schema(schema.clone()).map_err(|e| SourceError::Query(e.to_string()))?;
+        let batch =
+            batch.map_err(query_err)?.with_schema(schema.clone()).map_err(|e| SourceError::Query(e.to_string()))?;
         if tx.send(Ok(Message::Batch(batch))).is_err() {
             return Ok(());
         }

@@ -165,11 +165,8 @@ impl FaultReceiver {
         std_listener.set_nonblocking(true).expect("non-blocking");
         let server = shared.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
             runtime.block_on(serve(server, addr, std_listener));
         });
         FaultReceiver { addr, shared }
@@ -211,16 +208,24 @@ impl FaultReceiver {
         (state.injected.clone(), state.requests)
     }
 
-    /// Waits until no connection is open and no request is being handled
-    /// (after a client was killed: every request it wrote has been read and
-    /// applied). Panics after `timeout`.
+    /// Waits until no connection has been open and no request handled for
+    /// a quiet spell (after a client was killed: every request it wrote has
+    /// been read and applied, including one on a connection still waiting
+    /// in the listener's queue when the client died). Panics after
+    /// `timeout`.
     pub fn wait_idle(&self, timeout: Duration) {
+        const QUIET: Duration = Duration::from_millis(100);
         let deadline = Instant::now() + timeout;
+        let mut quiet_since: Option<Instant> = None;
         let mut guard = self.shared.idle_lock.lock().expect("idle");
-        while self.shared.busy.load(Ordering::SeqCst) > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "the receiver stayed busy for {timeout:?}");
-            guard = self.shared.idle.wait_timeout(guard, left.min(Duration::from_millis(20))).expect("idle").0;
+        loop {
+            if self.shared.busy.load(Ordering::SeqCst) > 0 {
+                quiet_since = None;
+            } else if quiet_since.get_or_insert_with(Instant::now).elapsed() >= QUIET {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the receiver stayed busy for {timeout:?}");
+            guard = self.shared.idle.wait_timeout(guard, Duration::from_millis(10)).expect("idle").0;
         }
     }
 }
