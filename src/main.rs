@@ -180,6 +180,13 @@ fn describe(e: &anyhow::Error) -> String {
     out
 }
 
+/// A sync's error as printed: naming the sync, with expanded `${VAR}`
+/// values written back as references.
+fn sync_error(engine: &Engine, name: &str, e: &EngineError) -> String {
+    let message = engine.env.redact(&e.to_string());
+    if message.contains(&format!("`{name}`")) { message } else { format!("sync `{name}`: {message}") }
+}
+
 fn load(cli: &Cli, env: Env) -> Result<Engine, EngineError> {
     Engine::load(&cli.project, env)
 }
@@ -231,11 +238,7 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
                 }
                 Err(e) => {
                     failed = true;
-                    let mut message = engine.env.redact(&e.to_string());
-                    if !message.contains(&format!("`{name}`")) {
-                        message = format!("sync `{name}`: {message}");
-                    }
-                    eprintln!("error: {message}");
+                    eprintln!("error: {}", sync_error(&engine, name, e));
                 }
             };
             eprintln!(
@@ -317,10 +320,7 @@ async fn run(engine: &Engine, names: &[String], full: bool, out: &output::Output
             }
             Err(e) => {
                 code = FATAL;
-                let mut message = engine.env.redact(&e.to_string());
-                if !message.contains(&format!("`{name}`")) {
-                    message = format!("sync `{name}`: {message}");
-                }
+                let message = sync_error(engine, name, &e);
                 eprintln!("error: {message}");
                 reports.push(serde_json::json!({"sync": name, "error": message}));
             }

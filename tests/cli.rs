@@ -119,6 +119,30 @@ fn a_second_concurrent_run_is_refused() {
 }
 
 #[test]
+fn a_damaged_state_file_is_reported_with_what_to_do_and_left_as_it_was() {
+    let p = Project::new(&sync("mirror", ""));
+    p.sql("insert into items values (1, 'a', 1)");
+    assert_eq!(p.backflow(&["run", "s"]).code, 0);
+    let state = p.path().join(".backflow/state/s.duckdb");
+    // A file that is not a state file at all, where the state was.
+    let garbage = b"this is not a DuckDB file, and it must not be overwritten".repeat(100);
+    std::fs::remove_file(&state).unwrap();
+    let _ = std::fs::remove_file(p.path().join(".backflow/state/s.duckdb.wal"));
+    std::fs::write(&state, &garbage).unwrap();
+    for args in [&["run", "s"][..], &["history", "s"], &["inspect", "s", "1"], &["reset", "s"]] {
+        let ran = p.backflow(args);
+        assert_eq!(ran.code, 2, "{args:?}: {}", ran.all());
+        assert!(ran.stderr.contains("the state of sync `s`"), "{args:?}: {}", ran.stderr);
+        assert!(ran.stderr.contains("is damaged"), "{args:?}: {}", ran.stderr);
+        assert!(ran.stderr.contains("Restore the file from a backup, or move it aside"), "{}", ran.stderr);
+        assert!(!ran.stderr.contains("already running"), "not mistaken for a concurrent run: {}", ran.stderr);
+        assert_eq!(ran.stderr.matches("error:").count(), 1, "{}", ran.stderr);
+        assert_eq!(std::fs::read(&state).unwrap(), garbage, "{args:?} left the file as it was");
+    }
+    assert_eq!(p.receiver.requests().len(), 1, "nothing sent after the first run");
+}
+
+#[test]
 fn sigkill_mid_delivery_loses_nothing() {
     let p = Project::new(&sync("mirror", "  concurrency: 2\n"));
     p.sql("insert into items select range, 'n' || range, range from range(300)");

@@ -166,6 +166,17 @@ impl Bench {
         }
     }
 
+    /// Inserts `n` new rows at once (a delivery long enough to commit its
+    /// acknowledgements in several steps).
+    pub fn insert_rows(&mut self, n: i64) {
+        let (from, to) = (self.next_id, self.next_id + n);
+        self.next_id = to;
+        self.sql(&format!("insert into items select range, 'n' || range, range % 4 from range({from}, {to})"));
+        for id in from..to {
+            self.table.insert(id, (format!("n{id}"), id % 4));
+        }
+    }
+
     pub fn run(&self) -> Ran {
         finish(self.command(&["run", "s"]).output().unwrap())
     }

@@ -358,6 +358,7 @@ pub fn secrets(tally: &mut Tally) {
     }
     let mut leaks = Vec::new();
     for (command, text) in &outputs {
+        assert!(!text.contains('\u{1b}'), "`backflow {command}` wrote colour codes to a file:\n{text}");
         for secret in [TOKEN, SIGNING, PASSWORD, NEEDLE] {
             if text.contains(secret) {
                 leaks.push(format!("`backflow {command}` printed {secret}:\n{text}"));

@@ -24,16 +24,21 @@
 //!   diff treats it so: the same change is sent again with the same message
 //!   id; a key whose row changed, or changed back, is sent as changed; a key
 //!   the query no longer returns is deleted in mirror mode, carrying the
-//!   payload that may have been delivered; a delete is sent again.
+//!   payload that may have been delivered (the other modes send the
+//!   unconfirmed record again as it was); a delete is sent again.
 //! - Each key has a *generation*, one more for every occurrence that may
 //!   have reached the receiver, kept in the snapshot, in `pending` and — for
 //!   keys deleted or forgotten — in `retired`; it goes into the message id
 //!   ([`backflow_core::message_id`]), so a new occurrence never reuses an id.
 //! - A crash can therefore cause re-sends (with the same ids), deletes of
-//!   records the receiver may never have had, never a lost change. Every
-//!   fold, migration and reset is one transaction.
+//!   records the receiver may never have had, never a lost change. Each
+//!   fold and reset is one transaction (a fold that turns the outbox into
+//!   the snapshot sets its NOT NULL constraints in a second one); the outbox
+//!   and its generations are committed before the mark that its delivery
+//!   began, so a crash in between leaves an outbox that is computed again.
 #![deny(missing_docs)]
 
+mod delivery;
 mod store;
 mod warehouse;
 
@@ -69,7 +74,8 @@ pub enum DiffError {
     /// Nothing is overwritten.
     #[error(
         "the state of sync `{sync}` at {path} is damaged ({detail}); nothing was changed. Restore the file from a \
-         backup, or move it aside to start the sync over (its next run then sends every row as added)"
+         backup, or move it aside to start the sync over: its next run sends every row as added, and a receiver \
+         that dedupes by message id may take some for ones it had"
     )]
     Damaged {
         /// The sync.

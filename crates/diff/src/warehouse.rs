@@ -17,7 +17,7 @@
 
 use crate::store::append_columns;
 use crate::{DiffError, StateStore};
-use backflow_core::{Change, Op};
+use backflow_core::{Change, Mode, Op};
 use duckdb::arrow::array::{ArrayBuilder, Int64Builder, StringBuilder, UInt64Builder};
 use duckdb::arrow::datatypes::SchemaRef;
 use duckdb::arrow::record_batch::RecordBatch;
@@ -351,7 +351,8 @@ impl StateStore {
     /// Earlier deliveries are then settled in (generations, and deletes of
     /// keys whose delivery is unconfirmed). Returns the records to send, and
     /// how many of them are such deletes.
-    pub fn finish_candidates(&self, removed_op: Option<Op>, payloads: Option<u64>) -> Result<(u64, u64), DiffError> {
+    pub fn finish_candidates(&self, mode: Mode, payloads: Option<u64>) -> Result<(u64, u64), DiffError> {
+        let removed_op = mode.op_for(Change::Removed);
         let op = removed_op.map_or("NULL".to_string(), |op| literal(op.as_str()));
         let limit = payloads.map_or(String::new(), |n| format!("ORDER BY key LIMIT {n}"));
         // Removed rows are fetched by the row ids the candidates pass saw,
@@ -384,7 +385,7 @@ impl StateStore {
              DROP TABLE removed_rows;
              DROP TABLE wanted;",
         )?;
-        let unconfirmed_removals = self.settle_occurrences(removed_op)?;
+        let unconfirmed_removals = self.settle_occurrences(mode, false, None)?;
         Ok((self.count("SELECT count(*) FROM outbox")?, unconfirmed_removals))
     }
 

@@ -59,7 +59,8 @@ fn deliver(store: &StateStore, removed: Option<Op>) -> u64 {
         outbox.push(&key, change, Op::Upsert, id as u64, &format!("{{\"id\":{id}}}"), None, hash, 0).unwrap();
     }
     outbox.finish().unwrap();
-    let (n, _) = store.finish_candidates(removed, None).unwrap();
+    let mode = if removed == Some(Op::Delete) { backflow_core::Mode::Mirror } else { backflow_core::Mode::Upsert };
+    let (n, _) = store.finish_candidates(mode, None).unwrap();
     let acks: Vec<u64> = (1..=n).collect();
     store.ack("run", &acks).unwrap();
     store.fold_acks().unwrap();

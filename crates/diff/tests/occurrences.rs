@@ -43,7 +43,7 @@ fn id(row: &OutboxRow) -> String {
     message_id("s", &row.key, row.op, row.fingerprint, row.generation)
 }
 
-fn find<'a>(rows: &'a [OutboxRow], id: u32) -> &'a OutboxRow {
+fn find(rows: &[OutboxRow], id: u32) -> &OutboxRow {
     rows.iter().find(|r| r.key == key(id)).unwrap_or_else(|| panic!("key {id} is not in the outbox: {rows:?}"))
 }
 
@@ -194,4 +194,41 @@ fn an_unconfirmed_delete_of_an_unconfirmed_record_is_sent_again() {
     deliver(&store, &third, |_| true, true);
     assert!(diff(&store, Mode::Mirror, &[]).is_empty());
     store.verify().unwrap();
+}
+
+#[test]
+fn outside_mirror_mode_an_unconfirmed_record_is_sent_again_after_its_key_left() {
+    for mode in [Mode::Append, Mode::Upsert, Mode::Create, Mode::Delete] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let first = diff(&store, mode, &[(1, "a"), (2, "b")]);
+        // Key 2's record is never acknowledged, and the row leaves the query.
+        deliver(&store, &first, |r| r.key == key(1), true);
+        let next = diff(&store, mode, &[(1, "a")]);
+        assert_eq!(next.len(), 1, "{mode}: {next:?}");
+        assert_eq!((next[0].op, value(&next[0])), (first[1].op, "b".to_string()), "{mode}: sent again as it was");
+        assert_eq!(id(&next[0]), id(find(&first, 2)), "{mode}: under the same id");
+        deliver(&store, &next, |_| true, true);
+        assert!(diff(&store, mode, &[(1, "a")]).is_empty(), "{mode}: then forgotten");
+        store.verify().unwrap();
+    }
+}
+
+#[test]
+fn a_full_run_sends_no_delete_for_an_unconfirmed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let first = diff(&store, Mode::Mirror, &[(1, "a"), (2, "b")]);
+    deliver(&store, &first, |_| false, true);
+    // `--full` never deletes: key 2 stays unconfirmed for the next run.
+    let mut stager = store.stager().unwrap();
+    let payload = r#"{"v":"a"}"#;
+    stager.push(&key(1), backflow_core::fingerprint_text(payload), Some(payload), None).unwrap();
+    stager.finish().unwrap();
+    store.diff(Mode::Mirror, true).unwrap();
+    let full = store.outbox_page(0, 100).unwrap();
+    assert_eq!(full.iter().map(|r| (r.key.clone(), r.op)).collect::<Vec<_>>(), [(key(1), Op::Upsert)]);
+    deliver(&store, &full, |_| true, true);
+    let next = diff(&store, Mode::Mirror, &[(1, "a")]);
+    assert_eq!((next.len(), next[0].op, next[0].key.clone()), (1, Op::Delete, key(2)), "deleted by the next run");
 }

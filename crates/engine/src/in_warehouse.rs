@@ -116,6 +116,12 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
         return Ok(Outcome::Staged(format!("{scan:?}")));
     }
     let mode = q.sync.spec.mode;
+    // Unconfirmed records of keys the query no longer returns are sent
+    // again as they were, outside mirror mode: which keys the query returns
+    // is known to staging only.
+    if mode.op_for(Change::Removed).is_none() && store.has_pending()? {
+        return Ok(Outcome::Staged("unconfirmed deliveries are settled by staging".into()));
+    }
     let mut pass = Pass {
         converter,
         columns: names.len(),
@@ -137,7 +143,7 @@ fn diff_attached(store: &StateStore, q: &Query) -> Result<Outcome, DiffError> {
     let removed_op = mode.op_for(Change::Removed);
     // A plan shows its first few records; removed ones come last.
     let payloads = q.plan.then(|| SAMPLES.saturating_sub(counts_sent));
-    let (to_send, unconfirmed_removals) = store.finish_candidates(removed_op, payloads)?;
+    let (to_send, unconfirmed_removals) = store.finish_candidates(mode, payloads)?;
     counts.to_send = to_send;
     counts.removed += unconfirmed_removals;
     if removed_op.is_none() {

@@ -307,9 +307,14 @@ impl Engine {
             .outbox_page(0, SAMPLES as usize)?
             .into_iter()
             .map(|row| match destination.request(&[record(name, row)], &ctx) {
-                Ok(r) if r.body.is_empty() => json!(format!("{} {}", r.method.as_str(), redact_url(&r.url))),
-                Ok(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-                Err(reason) => json!({"error": reason}),
+                // Shown with `${VAR}` values written back as references.
+                Ok(r) if r.body.is_empty() => {
+                    json!(self.env.redact(&format!("{} {}", r.method.as_str(), redact_url(&r.url))))
+                }
+                Ok(r) => {
+                    serde_json::from_str(&self.env.redact(&String::from_utf8_lossy(&r.body))).unwrap_or(Value::Null)
+                }
+                Err(reason) => json!({"error": self.env.redact(&reason)}),
             })
             .collect();
         Ok(Plan {
@@ -425,9 +430,20 @@ impl Engine {
                 record_run.message = Some(self.env.redact(&e.to_string()));
             }
         }
-        p.store.set_setting(MAPPING_SETTING, &p.mapping_text)?;
-        p.store.save_run(&record_run)?;
-        outcome.map(|()| report)
+        let recorded =
+            p.store.set_setting(MAPPING_SETTING, &p.mapping_text).and_then(|()| p.store.save_run(&record_run));
+        match (outcome, recorded) {
+            (Ok(()), Ok(())) => Ok(report),
+            (Ok(()), Err(e)) => Err(e.into()),
+            // The delivery's error says what went wrong first (recording
+            // the run may fail for the same reason, e.g. a full disk).
+            (Err(e), recorded) => {
+                if let Err(also) = recorded {
+                    tracing::warn!(sync = name, error = %also, "the failed run could not be recorded");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Records a run that failed before sending (bad keys, a failing

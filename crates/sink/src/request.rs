@@ -28,6 +28,10 @@ pub struct HttpRequest {
     /// A signature over the time of sending (Standard Webhooks), made for
     /// each attempt as it is sent ([`HttpRequest::attempt_headers`]).
     pub timed: Option<TimedSignature>,
+    /// Whether it carries one record: a `DELETE` of one record answered 404
+    /// or 410 finds it gone, which is what was asked (a batch's 404 says
+    /// nothing of each record).
+    pub single: bool,
 }
 
 impl HttpRequest {
@@ -308,7 +312,8 @@ impl Destination {
         if single {
             headers.append(IDEMPOTENCY_KEY, text_value(first.message_id.clone()));
         }
-        let mut request = HttpRequest { method: route.method, url, target, headers, body, timed: None };
+        let mut request =
+            HttpRequest { method: route.method, url, target, headers, body, timed: None, single: records.len() == 1 };
         match &self.signer {
             Some(Signer::HmacSha1(secret)) => {
                 // Over the exact bytes only: the same for every attempt.

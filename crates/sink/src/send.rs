@@ -179,7 +179,7 @@ impl Sender {
                     }
                     let wait = wait.unwrap_or_else(|| self.backoff(attempt)).min(self.inner.retry.max_backoff.get());
                     tracing::warn!(
-                        url = %redact_url(&request.url),
+                        origin = %origin_of(&request.url),
                         attempt,
                         reason = %reason,
                         wait_ms = wait.as_millis() as u64,
@@ -232,7 +232,7 @@ impl Sender {
             200..=299 => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
             // What a DELETE removes is gone (a delete sent again after a
             // crash, or of a record whose delivery was unconfirmed).
-            404 | 410 if request.method == Method::Delete => {
+            404 | 410 if request.method == Method::Delete && request.single => {
                 Attempt::Done(Outcome::Delivered { status, attempts: attempt })
             }
             300..=399 => Attempt::Done(Outcome::Failed {
@@ -423,6 +423,15 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `scheme://host:port` of `url`, for logs: paths and queries may carry
+/// tokens (webhook URLs often do), credentials are dropped.
+pub fn origin_of(url: &str) -> String {
+    let url = redact_url(url);
+    let Some(authority) = url.find("://").map(|i| i + 3) else { return String::new() };
+    let end = url[authority..].find('/').map_or(url.len(), |i| authority + i);
+    url[..end].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,6 +450,10 @@ mod tests {
         assert_eq!(redact_url("https://u:p%40ss@api.example.com/a/b?key=1#f"), "https://api.example.com/a/b");
         assert_eq!(redact_url("http://127.0.0.1:8080/hook?k=v"), "http://127.0.0.1:8080/hook");
         assert_eq!(redact_url("http://h/x@y"), "http://h/x@y");
+        assert_eq!(
+            origin_of("https://u:p@hooks.example.com:8443/services/T0K3N?x=1"),
+            "https://hooks.example.com:8443"
+        );
     }
 
     #[test]

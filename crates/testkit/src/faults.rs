@@ -72,8 +72,11 @@ pub struct FaultPlan {
     /// A status for records refused whatever the attempt (e.g. `422` for
     /// bad rows): a request carrying one is answered with it and nothing in
     /// it is applied.
-    pub reject: Option<Arc<dyn Fn(&Value) -> Option<u16> + Send + Sync>>,
+    pub reject: Option<Rejecter>,
 }
+
+/// Says which status refuses a record for good, if any.
+pub type Rejecter = Arc<dyn Fn(&Value) -> Option<u16> + Send + Sync>;
 
 impl FaultPlan {
     /// No faults: every request is accepted.
@@ -306,7 +309,7 @@ async fn connection(shared: Arc<Shared>, mut stream: tokio::net::TcpStream, _bus
             return;
         }
         let _request = Busy::new(&shared);
-        let (method, content_length, timestamp) = {
+        let (content_length, timestamp) = {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut request = httparse::Request::new(&mut headers);
             if !matches!(request.parse(&buf[..head_end]), Ok(httparse::Status::Complete(_))) {
@@ -322,7 +325,7 @@ async fn connection(shared: Arc<Shared>, mut stream: tokio::net::TcpStream, _bus
             };
             let length = header("content-length").and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
             let timestamp = header("webhook-timestamp").and_then(|v| v.trim().parse::<i64>().ok());
-            (request.method.unwrap_or("GET").to_string(), length, timestamp)
+            (length, timestamp)
         };
         let fault = {
             let mut state = shared.state.lock().expect("state");
@@ -363,7 +366,7 @@ async fn connection(shared: Arc<Shared>, mut stream: tokio::net::TcpStream, _bus
                 match refused {
                     Some(status) => Answer::status(status, &[]),
                     None => {
-                        apply(&shared, &records, &method, timestamp);
+                        apply(&shared, &records, timestamp);
                         Answer::status(200, &[])
                     }
                 }
@@ -440,7 +443,7 @@ fn records(body: &[u8]) -> Vec<Value> {
 }
 
 /// Records the accepted records (those carrying `_meta`).
-fn apply(shared: &Shared, records: &[Value], _method: &str, timestamp: Option<i64>) {
+fn apply(shared: &Shared, records: &[Value], timestamp: Option<i64>) {
     let now = chrono::Utc::now().timestamp();
     let mut state = shared.state.lock().expect("state");
     for record in records {

@@ -1,5 +1,7 @@
-//! A real HTTP receiver on 127.0.0.1 for tests, scripted to accept, reject,
-//! fail, stall and recover, recording every request it gets.
+//! Real HTTP receivers on 127.0.0.1 for tests: a scripted one (here) that
+//! accepts, rejects, fails, stalls and recovers, recording every request it
+//! gets; a fault-injecting one ([`faults`]) that also resets connections and
+//! rebuilds its own view of what it accepted; and real Postgres databases.
 #![deny(missing_docs)]
 
 pub mod faults;
