@@ -46,6 +46,11 @@ impl Mode {
         self != Mode::Mirror
     }
 
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
     /// The lowercase name used in YAML, payloads and output.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -766,10 +766,8 @@ impl StateStore {
         let mut out = Vec::new();
         for row in rows {
             let (mut run, (mode, counts)) = row?;
-            run.mode = Mode::ALL
-                .into_iter()
-                .find(|m| m.as_str() == mode)
-                .ok_or_else(|| self.damaged(format!("run {} has the mode `{mode}`", run.run_id)))?;
+            run.mode =
+                Mode::parse(&mode).ok_or_else(|| self.damaged(format!("run {} has the mode `{mode}`", run.run_id)))?;
             run.counts = serde_json::from_str(&counts)
                 .map_err(|e| self.damaged(format!("the counts of run {} are not JSON ({e})", run.run_id)))?;
             out.push(run);

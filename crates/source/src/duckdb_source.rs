@@ -90,9 +90,21 @@ fn produce(conn: &Connection, query: &str, tx: &Outbox) -> Result<(), SourceErro
 /// The DuckDB type names of the query's columns (none when DuckDB cannot
 /// describe it; the query itself then says why).
 fn column_types(conn: &Connection, query: &str) -> Vec<String> {
-    conn.prepare(&format!("DESCRIBE {}", query.trim_end().trim_end_matches(';')))
+    // On its own lines, so a trailing `-- comment` stays inside.
+    conn.prepare(&format!("DESCRIBE SELECT * FROM (\n{}\n)", without_final_semicolon(query)))
         .and_then(|mut stmt| stmt.query_map([], |r| r.get::<_, String>(1))?.collect())
         .unwrap_or_default()
+}
+
+/// `query` without a final `;` (and the line comments after it).
+fn without_final_semicolon(query: &str) -> &str {
+    let query = query.trim_end();
+    match query.rfind(';') {
+        Some(at) if query[at + 1..].lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with("--")) => {
+            &query[..at]
+        }
+        _ => query,
+    }
 }
 
 /// `schema` with its UHUGEINT columns marked ([`json::UHUGEINT`]): Arrow

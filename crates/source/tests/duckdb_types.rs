@@ -75,6 +75,10 @@ fn every_integer_type_is_exact_at_both_ends() {
     let mut c = Collect::default();
     memory().stream("select 1::HUGEINT as h, NULL::UHUGEINT as n, (~0::UHUGEINT) as u", &mut c).unwrap();
     assert_eq!(serde_json::to_string(&c.rows[0]).unwrap(), "[1,null,340282366920938463463374607431768211455]");
+    // A query ending in a comment.
+    let mut c = Collect::default();
+    memory().stream("select (~0::UHUGEINT) as u; -- the largest", &mut c).unwrap();
+    assert_eq!(serde_json::to_string(&c.rows[0]).unwrap(), "[340282366920938463463374607431768211455]");
 }
 
 #[test]
