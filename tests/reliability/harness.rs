@@ -267,7 +267,13 @@ impl Bench {
     pub fn verdict(&self) -> Verdict {
         let mut verdict = self.check_state();
         let (view, expected) = (self.view(), self.expected());
-        for id in view.keys().chain(expected.keys()).collect::<std::collections::BTreeSet<_>>() {
+        // Outside mirror mode the receiver keeps what left the query.
+        let keys: std::collections::BTreeSet<&i64> = if self.mode == "mirror" {
+            view.keys().chain(expected.keys()).collect()
+        } else {
+            expected.keys().collect()
+        };
+        for id in keys {
             if view.get(id) != expected.get(id) {
                 eprintln!("key {id}: the receiver holds {:?}, the query {:?}", view.get(id), expected.get(id));
                 for a in self.receiver.accepted().iter().filter(|a| a.key["id"] == *id) {
