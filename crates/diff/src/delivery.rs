@@ -33,7 +33,7 @@ impl Occurrences {
             conn.execute_batch(&format!("DELETE FROM retired WHERE key IN (SELECT key FROM ({delivered}))"))?;
         }
         conn.execute_batch(&format!(
-            "INSERT INTO retired SELECT key, coalesce(gen, 1) FROM ({delivered}) WHERE change = 'removed'"
+            "INSERT INTO retired SELECT key, max(coalesce(gen, 1)) FROM ({delivered}) WHERE change = 'removed' GROUP BY key"
         ))
     }
 }
@@ -61,8 +61,11 @@ impl StateStore {
     /// - in mirror mode, a delete for each key whose unconfirmed delivery
     ///   may have reached the receiver and which the query no longer
     ///   returns, carrying that payload (not in a `full` run, which never
-    ///   deletes: they stay unconfirmed for the next run);
-    /// - in the other modes, each unconfirmed record whose key the query no
+    ///   deletes: they stay unconfirmed for the next run). When the
+    ///   unconfirmed delivery went to another URL than the confirmed one
+    ///   (the columns the URL is built from changed), the key is deleted at
+    ///   both: the receiver may hold either;
+    /// - in the other modes, each unconfirmed record whose key the query
     ///   no longer returns, sent again as it was (a change that happened
     ///   reaches the receiver at least once). `staged` names the table of
     ///   the query's keys (the staged diff's); the diff inside DuckDB does
@@ -78,39 +81,53 @@ impl StateStore {
         if !self.has_pending()? {
             return Ok(0);
         }
-        let next_row = "(SELECT coalesce(max(row_num), 0) FROM outbox) + row_number() OVER (ORDER BY p.key)";
-        let mut added = 0;
-        if mode.op_for(Change::Removed) == Some(Op::Delete) {
+        // The records to add are found first and appended after: a
+        // statement does not read the table it appends to.
+        let additions = if mode.op_for(Change::Removed) == Some(Op::Delete) {
             // The payload that may have been delivered last: an unconfirmed
             // upsert's, or an unconfirmed delete's (sent again as it was).
             self.conn.execute_batch(
                 "UPDATE outbox SET payload = p.payload, fingerprint = p.fingerprint, route = p.route
-                 FROM pending p WHERE outbox.key = p.key AND outbox.change = 'removed'",
+                 FROM pending p
+                 WHERE outbox.key = p.key AND outbox.change = 'removed' AND outbox.route IS NOT DISTINCT FROM p.route",
             )?;
-            if !full {
-                added = self.conn.execute(
-                    &format!(
-                        "INSERT INTO outbox (row_num, key, change, op, fingerprint, payload, route, row_hash, gen)
-                         SELECT {next_row}, p.key, 'removed', 'delete', p.fingerprint, p.payload, p.route, NULL, p.gen
-                         FROM pending p
-                         WHERE p.key NOT IN (SELECT key FROM snapshot) AND p.key NOT IN (SELECT key FROM outbox)"
-                    ),
-                    [],
-                )? as u64;
-            }
+            // Sent to another URL: a second delete, there; a key only an
+            // unconfirmed delivery knows: its delete (not in a full run).
+            let only_pending = if full {
+                String::new()
+            } else {
+                "UNION ALL SELECT p.* FROM pending p
+                 WHERE p.key NOT IN (SELECT key FROM snapshot) AND p.key NOT IN (SELECT key FROM outbox)"
+                    .to_string()
+            };
+            format!(
+                "SELECT key, 'removed' AS change, 'delete' AS op, fingerprint, payload, route, gen FROM (
+                     SELECT p.* FROM pending p JOIN outbox o ON o.key = p.key AND o.change = 'removed'
+                     WHERE o.route IS DISTINCT FROM p.route
+                     {only_pending})"
+            )
         } else if let Some(staged) = staged {
-            added = self.conn.execute(
-                &format!(
-                    "INSERT INTO outbox (row_num, key, change, op, fingerprint, payload, route, row_hash, gen)
-                     SELECT {next_row}, p.key,
-                            CASE WHEN p.key IN (SELECT key FROM snapshot) THEN 'changed' ELSE 'added' END,
-                            p.op, p.fingerprint, p.payload, p.route, NULL, p.gen
-                     FROM pending p
-                     WHERE p.key NOT IN (SELECT key FROM outbox) AND p.key NOT IN (SELECT key FROM {staged})"
-                ),
-                [],
-            )? as u64;
-        }
+            format!(
+                "SELECT key, CASE WHEN key IN (SELECT key FROM snapshot) THEN 'changed' ELSE 'added' END AS change,
+                        op, fingerprint, payload, route, gen
+                 FROM pending
+                 WHERE key NOT IN (SELECT key FROM outbox) AND key NOT IN (SELECT key FROM {staged})"
+            )
+        } else {
+            "SELECT key, NULL AS change, op, fingerprint, payload, route, gen FROM pending WHERE false".to_string()
+        };
+        self.conn.execute_batch(&format!("CREATE OR REPLACE TEMP TABLE additions AS {additions}"))?;
+        let last = self.count("SELECT coalesce(max(row_num), 0) FROM outbox")?;
+        let added = self.conn.execute(
+            &format!(
+                "INSERT INTO outbox (row_num, key, change, op, fingerprint, payload, route, row_hash, gen)
+                 SELECT {last} + row_number() OVER (ORDER BY key, route), key, change, op, fingerprint, payload,
+                        route, NULL, gen
+                 FROM additions"
+            ),
+            [],
+        )? as u64;
+        self.conn.execute_batch("DROP TABLE additions")?;
         self.conn.execute_batch(
             "UPDATE outbox SET gen = CASE WHEN p.op = outbox.op AND p.fingerprint = outbox.fingerprint THEN p.gen
                                           ELSE greatest(outbox.gen, p.gen + 1) END
@@ -260,7 +277,8 @@ impl StateStore {
                      WHERE next_first - 1 >= last_row + 1;
                      CREATE OR REPLACE TEMP TABLE unconfirmed AS
                      SELECT o.key, o.op, o.fingerprint, o.payload, o.route, coalesce(o.gen, 1) AS gen
-                     FROM outbox o JOIN gaps g ON o.row_num BETWEEN g.first_row AND g.last_row;
+                     FROM outbox o JOIN gaps g ON o.row_num BETWEEN g.first_row AND g.last_row
+                     QUALIFY row_number() OVER (PARTITION BY o.key ORDER BY o.row_num DESC) = 1;
                      DELETE FROM pending WHERE key IN (SELECT key FROM unconfirmed);
                      INSERT INTO pending SELECT key, op, fingerprint, payload, route, gen, {run} FROM unconfirmed;
                      DROP TABLE unconfirmed;

@@ -232,3 +232,50 @@ fn a_full_run_sends_no_delete_for_an_unconfirmed_record() {
     let next = diff(&store, Mode::Mirror, &[(1, "a")]);
     assert_eq!((next.len(), next[0].op, next[0].key.clone()), (1, Op::Delete, key(2)), "deleted by the next run");
 }
+
+/// Stages key 1 with value `v` and its URL's column value `org`.
+fn stage_routed(store: &StateStore, rows: &[(&str, u32)]) {
+    let mut stager = store.stager().unwrap();
+    for (v, org) in rows {
+        let payload = format!(r#"{{"v":"{v}"}}"#);
+        let route = format!(r#"{{"org":{org}}}"#);
+        let fingerprint = backflow_core::fingerprint_request(&payload, Some(&route));
+        stager.push(&key(1), fingerprint, Some(&payload), Some(&route)).unwrap();
+    }
+    stager.finish().unwrap();
+}
+
+#[test]
+fn a_key_whose_unconfirmed_delivery_went_to_another_url_is_deleted_at_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let outbox = |rows: &[(&str, u32)]| {
+        stage_routed(&store, rows);
+        store.diff(Mode::Mirror, false).unwrap();
+        store.outbox_page(0, 100).unwrap()
+    };
+    let routes = |rows: &[OutboxRow]| {
+        let mut r: Vec<(Op, String)> = rows.iter().map(|r| (r.op, r.route.clone().unwrap())).collect();
+        r.sort();
+        r
+    };
+    // Delivered to org 1; then moved to org 2, unconfirmed.
+    let first = outbox(&[("a", 1)]);
+    deliver(&store, &first, |_| true, true);
+    let moved = outbox(&[("a", 2)]);
+    deliver(&store, &moved, |_| false, true);
+    // The row leaves the query: the receiver may hold it at either URL.
+    let gone = outbox(&[]);
+    assert_eq!(routes(&gone), [(Op::Delete, r#"{"org":1}"#.into()), (Op::Delete, r#"{"org":2}"#.into())]);
+    let ids: std::collections::HashSet<String> = gone.iter().map(id).collect();
+    assert_eq!(ids.len(), 2, "two deletes, two ids");
+    // Only the delete at org 2 is acknowledged: the one at org 1 goes again.
+    deliver(&store, &gone, |r| r.route.as_deref() == Some(r#"{"org":2}"#), true);
+    store.verify().unwrap();
+    let again = outbox(&[]);
+    assert_eq!(routes(&again), [(Op::Delete, r#"{"org":1}"#.into())]);
+    assert!(ids.contains(&id(&again[0])), "under the id it had");
+    deliver(&store, &again, |_| true, true);
+    assert!(outbox(&[]).is_empty());
+    store.verify().unwrap();
+}
