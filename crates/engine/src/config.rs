@@ -186,6 +186,14 @@ fn expand_strings(v: &Value, env: &Env) -> Value {
     }
 }
 
+/// What [`Project::validate`] checked, for every command to use.
+#[derive(Debug, Clone, Default)]
+pub struct Checked {
+    /// Each sync's destination, its `${VAR}` references resolved and its
+    /// URLs, headers, signing secret and limits checked and parsed.
+    pub destinations: std::collections::HashMap<String, Destination>,
+}
+
 /// A loaded project.
 #[derive(Debug, Clone)]
 pub struct Project {
@@ -282,10 +290,13 @@ impl Project {
     }
 
     /// Checks everything that can be checked without network or data: names,
-    /// warehouses, modes, mapping, schedule, destination URL and headers, and
-    /// that every `${VAR}` is set.
-    pub fn validate(&self, env: &Env) -> Result<(), ConfigErrors> {
+    /// warehouses, modes, mapping, schedule, destination URL and headers,
+    /// limits, durations, sizes, and that every `${VAR}` is set. Returns the
+    /// checked settings every command then uses, so nothing that passes
+    /// here fails later for a reason this could have seen.
+    pub fn validate(&self, env: &Env) -> Result<Checked, ConfigErrors> {
         let mut errors = Vec::new();
+        let mut checked = Checked::default();
         if !is_memory_size(&self.file.state.memory_limit) {
             errors.push(ConfigError {
                 place: PROJECT_FILE.to_string(),
@@ -368,14 +379,17 @@ impl Project {
                 err("query: is empty; write the SQL that selects the rows to sync (e.g. `select id, email from customers`)"
                     .into());
             }
-            if let Err(e) = Destination::new(&sync.spec.destination, env) {
-                err(e.to_string());
+            match Destination::new(&sync.spec.destination, env) {
+                Ok(destination) => {
+                    checked.destinations.insert(sync.name.clone(), destination);
+                }
+                Err(e) => err(e.to_string()),
             }
             if let Err(e) = env.expand(&sync.spec.query) {
                 err(format!("query: {e}"));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() { Ok(checked) } else { Err(ConfigErrors(errors)) }
     }
 
     /// Whether `sync` reads an embedded warehouse (DuckDB), which needs no

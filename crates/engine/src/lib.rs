@@ -9,7 +9,7 @@ mod run;
 mod serve;
 mod stage;
 
-pub use config::{ConfigError, ConfigErrors, Project, Sync};
+pub use config::{Checked, ConfigError, ConfigErrors, Project, Sync};
 pub use run::{CheckReport, InvalidKeyReport, Plan, RunReport};
 
 use backflow_core::env::Env;
@@ -75,6 +75,8 @@ pub struct Engine {
     pub project: Project,
     /// Variables for `${VAR}`.
     pub env: Env,
+    /// What validation checked (every command uses it).
+    checked: config::Checked,
 }
 
 /// A sync's recent runs, or why they cannot be read.
@@ -92,8 +94,8 @@ impl Engine {
     /// Loads and validates the project in `dir`.
     pub fn load(dir: &Path, env: Env) -> Result<Engine, EngineError> {
         let project = Project::load(dir, &env)?;
-        project.validate(&env)?;
-        Ok(Engine { project, env })
+        let checked = project.validate(&env)?;
+        Ok(Engine { project, env, checked })
     }
 
     fn store(&self, sync: &str) -> Result<StateStore, EngineError> {

@@ -344,9 +344,13 @@ impl Engine {
             .map_err(|source| EngineError::Source { sync: sync.name.clone(), source })
     }
 
+    /// The sync's destination as validation checked it.
     fn destination(&self, sync: &Sync) -> Result<Destination, EngineError> {
-        Destination::new(&sync.spec.destination, &self.env)
-            .map_err(|source| EngineError::Sink { sync: sync.name.clone(), source })
+        self.checked
+            .destinations
+            .get(&sync.name)
+            .cloned()
+            .ok_or_else(|| config_error(&sync.name, "destination: not checked (the project was not validated)".into()))
     }
 
     /// Runs `name` once: stage, diff, deliver, commit acks as they come.
