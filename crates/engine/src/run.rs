@@ -666,7 +666,10 @@ fn settle(
             *report.delivered.entry(record.op).or_insert(0) += 1;
             acks.push(record.row_num);
         }
-        Outcome::Failed { status, reason, body, retryable, attempts } => {
+        // Not judged: the destination refused every request, which the run
+        // reports once (it stopped early); the record stays pending.
+        Outcome::Failed { destination: true, .. } => {}
+        Outcome::Failed { status, reason, body, retryable, attempts, .. } => {
             if !retryable {
                 report.rejected += 1;
             }
@@ -766,9 +769,17 @@ async fn send_all(
                     ));
                 }
             };
+            let refused = done.iter().find_map(|(_, o)| match o {
+                Outcome::Failed { destination: true, reason, .. } => Some(reason.clone()),
+                _ => None,
+            });
             let all_down = done.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
             down_streak = if all_down { down_streak + 1 } else { 0 };
             chunk.extend(done);
+            if let Some(reason) = refused {
+                let _ = results.send(chunk);
+                return Some(format!("stopped early: {reason}; the rest stays pending"));
+            }
             if down_streak >= n.breaker {
                 let _ = results.send(chunk);
                 return Some(format!(

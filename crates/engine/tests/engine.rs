@@ -371,3 +371,18 @@ fn occurrences_get_new_ids_and_deletes_answered_404_are_delivered() {
     assert!(report.complete(), "a delete answered 404 is delivered: {report:?}");
     assert!(s.run_bodies().1.is_empty());
 }
+
+#[test]
+fn a_destination_that_refuses_every_request_stops_the_run_once_with_its_reason() {
+    let s = Scenario::new(&sync_yaml("upsert", "  batch_size: 100\n  concurrency: 1\n"));
+    s.sql("insert into items select range, 'x', 0 from range(1000)");
+    s.receiver.respond(|_, _| Reply::Status(403));
+    let report = s.run();
+    assert_eq!(s.receiver.requests().len(), 1, "the first refusal stops the run");
+    let reason = report.stopped_early.clone().expect("stopped early");
+    assert!(reason.contains("HTTP 403") && reason.contains("rest stays pending"), "{reason}");
+    assert_eq!((report.delivered_total(), report.rejected, report.pending), (0, 0, 1000));
+    assert!(report.failures.is_empty(), "reported once, as the run's reason, not per record");
+    s.receiver.respond(|_, _| Reply::Status(200));
+    assert_eq!(s.run().delivered_total(), 1000, "delivered once the destination accepts");
+}

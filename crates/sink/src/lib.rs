@@ -1,7 +1,7 @@
 //! Webhook delivery, as stages: [`encode`] turns records into a body,
 //! [`request`] builds the HTTP request (URL, headers, signature), [`send`]
-//! delivers it with timeouts and retries and classifies the outcome. The sink
-//! never sees SQL.
+//! delivers it with timeouts and retries, acting on the [`decision`] each
+//! answer gets. The sink never sees SQL.
 //!
 //! Contract: delivery is at least once. A record counts as delivered only on
 //! a 2xx answer to the request that carried it; the caller advances the
@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod decision;
 pub mod encode;
 mod http1;
 pub mod request;
@@ -17,6 +18,7 @@ pub mod signing;
 pub mod url;
 
 pub use config::{DestinationConfig, Method, RateLimit, RetryConfig, RouteConfig, SigningConfig, SigningScheme};
+pub use decision::Decision;
 pub use encode::MetaContext;
 pub use request::{Batch, Destination, HttpRequest};
 pub use send::{Outcome, Sender};

@@ -343,18 +343,26 @@ impl Destination {
         let Batch { records, request } = batch;
         let outcome = match request {
             Ok(request) => sender.send(&request).await,
-            Err(reason) if records.len() == 1 => {
-                Outcome::Failed { status: None, reason, body: String::new(), retryable: false, attempts: 0 }
-            }
+            Err(reason) if records.len() == 1 => Outcome::Failed {
+                status: None,
+                reason,
+                body: String::new(),
+                retryable: false,
+                destination: false,
+                attempts: 0,
+            },
             Err(_) => Outcome::Failed {
                 status: None,
                 reason: String::new(),
                 body: String::new(),
                 retryable: false,
+                destination: false,
                 attempts: 0,
             },
         };
-        if records.len() > 1 && matches!(outcome, Outcome::Failed { retryable: false, .. }) {
+        // Only a refusal of records splits a batch; a destination that
+        // refuses every request would refuse each half too.
+        if records.len() > 1 && matches!(outcome, Outcome::Failed { retryable: false, destination: false, .. }) {
             let mut left = records;
             let right = left.split_off(left.len() / 2);
             let mut out = Box::pin(self.deliver(sender, left, ctx)).await;

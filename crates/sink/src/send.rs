@@ -11,6 +11,7 @@
 
 use crate::SinkError;
 use crate::config::{DestinationConfig, Method, RetryConfig};
+use crate::decision::{Answer, Decision};
 use crate::http1;
 use crate::request::HttpRequest;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -38,6 +39,10 @@ pub enum Outcome {
         /// Whether the last failure was of a retryable kind (the endpoint
         /// may recover) rather than a rejection of this record.
         retryable: bool,
+        /// Whether the destination refuses every request
+        /// ([`Decision::RejectDestination`]): the record was not judged,
+        /// and stays pending.
+        destination: bool,
         /// Attempts made.
         attempts: u32,
     },
@@ -50,10 +55,7 @@ impl Outcome {
     }
 }
 
-/// Statuses worth retrying (SPEC §4).
-pub fn is_retryable_status(status: u16) -> bool {
-    matches!(status, 408 | 425 | 429 | 500 | 502 | 503 | 504)
-}
+pub use crate::decision::is_retryable_status;
 
 /// How much of a response body is kept with a rejection.
 pub const BODY_PREFIX: usize = 512;
@@ -142,6 +144,9 @@ enum Failure {
     Invalid(String),
     /// No connection, a broken exchange or no answer in time.
     Transport(String),
+    /// The destination cannot be reached by any request: its name does not
+    /// resolve, or its TLS handshake fails.
+    Destination(String),
 }
 
 impl Sender {
@@ -175,7 +180,14 @@ impl Sender {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Retry { status, reason, body, wait } => {
                     if attempt >= attempts {
-                        return Outcome::Failed { status, reason, body, retryable: true, attempts: attempt };
+                        return Outcome::Failed {
+                            status,
+                            reason,
+                            body,
+                            retryable: true,
+                            destination: false,
+                            attempts: attempt,
+                        };
                     }
                     let wait = wait.unwrap_or_else(|| self.backoff(attempt)).min(self.inner.retry.max_backoff.get());
                     tracing::warn!(
@@ -208,6 +220,17 @@ impl Sender {
                     reason,
                     body: String::new(),
                     retryable: false,
+                    destination: false,
+                    attempts: attempt,
+                });
+            }
+            Ok(Err(Failure::Destination(reason))) => {
+                return Attempt::Done(Outcome::Failed {
+                    status: None,
+                    reason,
+                    body: String::new(),
+                    retryable: false,
+                    destination: true,
                     attempts: attempt,
                 });
             }
@@ -228,36 +251,26 @@ impl Sender {
             }
             Err(_) => String::new(),
         };
-        match status {
-            200..=299 => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
-            // What a DELETE removes is gone (a delete sent again after a
-            // crash, or of a record whose delivery was unconfirmed).
-            404 | 410 if request.method == Method::Delete && request.single => {
-                Attempt::Done(Outcome::Delivered { status, attempts: attempt })
-            }
-            300..=399 => Attempt::Done(Outcome::Failed {
-                status: Some(status),
-                reason: format!(
-                    "HTTP {status}: redirects are not followed (Location: {}); configure the final URL",
-                    answer.location.as_deref().unwrap_or("none")
-                ),
-                body,
-                retryable: false,
-                attempts: attempt,
-            }),
-            s if is_retryable_status(s) => Attempt::Retry {
-                status: Some(s),
-                reason: format!("HTTP {s}"),
-                body,
-                wait: answer.retry_after.as_deref().and_then(parse_retry_after),
-            },
-            s => Attempt::Done(Outcome::Failed {
-                status: Some(s),
-                reason: format!("HTTP {s}: rejected by the receiver"),
-                body,
-                retryable: false,
-                attempts: attempt,
-            }),
+        let answered = Answer {
+            status,
+            method: request.method,
+            single: request.single,
+            location: answer.location.as_deref(),
+            retry_after: answer.retry_after.as_deref(),
+        };
+        let failed = |reason: String, destination: bool| Outcome::Failed {
+            status: Some(status),
+            reason,
+            body: body.clone(),
+            retryable: false,
+            destination,
+            attempts: attempt,
+        };
+        match Decision::for_answer(answered) {
+            Decision::Deliver => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
+            Decision::Retry { reason, wait } => Attempt::Retry { status: Some(status), reason, body, wait },
+            Decision::RejectRecord { reason } => Attempt::Done(failed(reason, false)),
+            Decision::RejectDestination { reason } => Attempt::Done(failed(reason, true)),
         }
     }
 
@@ -335,20 +348,28 @@ impl Sender {
     /// timeout.
     async fn connect(&self, origin: &Origin) -> Result<http1::Connection, Failure> {
         let connect = async {
-            let tcp = tokio::net::TcpStream::connect((origin.host.as_str(), origin.port))
+            // Resolved apart from connecting: a name that does not resolve
+            // fails every request alike.
+            let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((origin.host.as_str(), origin.port))
+                .await
+                .map_err(|e| {
+                    Failure::Destination(format!("cannot resolve the receiver's host `{}`: {e}", origin.host))
+                })?
+                .collect();
+            let tcp = tokio::net::TcpStream::connect(&addresses[..])
                 .await
                 .map_err(|e| Failure::Transport(format!("could not connect to the receiver: {e}")))?;
             let _ = tcp.set_nodelay(true);
             if !origin.tls {
                 return Ok(http1::Connection::new(http1::Stream::Plain(tcp)));
             }
-            let tls = self.tls().map_err(Failure::Invalid)?;
+            let tls = self.tls().map_err(Failure::Destination)?;
             let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
                 .map_err(|_| Failure::Invalid(format!("`{}` is not a valid TLS server name", origin.host)))?;
             let stream = tls
                 .connect(name, tcp)
                 .await
-                .map_err(|e| Failure::Transport(format!("TLS handshake failed: {}", error_chain(&e))))?;
+                .map_err(|e| Failure::Destination(format!("TLS handshake failed: {}", error_chain(&e))))?;
             Ok(http1::Connection::new(http1::Stream::Tls(Box::new(stream))))
         };
         match tokio::time::timeout(self.inner.connect_timeout, connect).await {

@@ -212,6 +212,35 @@ fn one_bad_record_in_a_batch_of_1000_is_isolated() {
 }
 
 #[test]
+fn a_batch_refused_with_401_costs_one_request_and_is_not_split() {
+    let r = Receiver::start();
+    r.respond(|_, _| Reply::Full(401, vec![], "bad token".into()));
+    let results = deliver(&config(&r.url(), json!({"batch_size": 1000})), (1..=1000).map(record).collect());
+    assert_eq!(r.requests().len(), 1, "one request, not a split into halves");
+    assert_eq!(results.len(), 1000);
+    for (_, outcome) in &results {
+        match outcome {
+            Outcome::Failed { status: Some(401), destination: true, retryable: false, reason, body, .. } => {
+                assert!(reason.contains("refuses the credentials"), "{reason}");
+                assert_eq!(body, "bad token");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_batch_delete_answered_404_is_the_destination_and_one_record_is_gone() {
+    let r = Receiver::start();
+    r.respond(|_, _| Reply::Status(404));
+    let batched =
+        deliver(&config(&r.url(), json!({"batch_size": 10, "method": "DELETE"})), (1..=10).map(record).collect());
+    assert!(batched.iter().all(|(_, o)| matches!(o, Outcome::Failed { destination: true, .. })));
+    let single = deliver(&config(&r.url(), json!({"method": "DELETE"})), vec![record(1)]);
+    assert!(single[0].1.is_delivered(), "{:?}", single[0].1);
+}
+
+#[test]
 fn concurrency_and_rate_limits_hold() {
     let r = Receiver::start();
     let c = config(&r.url(), json!({"rate_limit": "20/s", "concurrency": 1}));
