@@ -19,6 +19,9 @@ pub struct Receiver {
     pub quiet: bool,
     /// Status to answer with.
     pub status: StatusCode,
+    /// How long to wait before answering each request (a real endpoint's
+    /// latency, for benchmarks; this kernel has no `netem`).
+    pub delay: std::time::Duration,
     /// Requests seen.
     pub count: AtomicU64,
 }
@@ -39,6 +42,9 @@ async fn handle(
     body: Bytes,
 ) -> (StatusCode, &'static str) {
     let n = r.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if !r.delay.is_zero() {
+        tokio::time::sleep(r.delay).await;
+    }
     if r.quiet {
         return (r.status, "ok\n");
     }

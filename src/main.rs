@@ -124,6 +124,10 @@ enum Command {
         /// Print nothing per request (for benchmarks).
         #[arg(long)]
         quiet: bool,
+        /// Wait this long before answering each request (e.g. `50ms`: a
+        /// real endpoint's latency, for benchmarks).
+        #[arg(long, default_value = "0s")]
+        delay: backflow_core::Duration,
     },
     /// Run every example sync against a local receiver and show what arrived.
     Demo,
@@ -270,7 +274,7 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
             out.inspect(sync, &record);
             Ok(OK)
         }
-        Command::Listen { port, secret_env, status, quiet } => {
+        Command::Listen { port, secret_env, status, quiet, delay } => {
             let secret = match secret_env {
                 Some(var) => Some(
                     env.get(var).with_context(|| format!("--secret-env {var}: the variable is not set"))?.into_bytes(),
@@ -282,8 +286,14 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
                 .await
                 .with_context(|| format!("cannot listen on 127.0.0.1:{port} (is it in use? pass --port)"))?;
             eprintln!("listening on http://127.0.0.1:{port} (Ctrl-C to stop)");
-            let receiver =
-                Arc::new(listen::Receiver { secret, compact: false, quiet: *quiet, status, count: Default::default() });
+            let receiver = Arc::new(listen::Receiver {
+                secret,
+                compact: false,
+                quiet: *quiet,
+                status,
+                delay: delay.get(),
+                count: Default::default(),
+            });
             listen::serve(listener, receiver).await?;
             Ok(OK)
         }
@@ -343,6 +353,7 @@ async fn demo(cli: &Cli, env: &Env, out: &output::Output) -> anyhow::Result<u8> 
         compact: true,
         quiet: false,
         status: axum::http::StatusCode::OK,
+        delay: std::time::Duration::ZERO,
         count: Default::default(),
     });
     tokio::spawn(listen::serve(listener, receiver.clone()));
