@@ -126,7 +126,11 @@ impl Output {
                 if f.body.is_empty() { String::new() } else { format!(": {}", f.body.trim()) }
             );
         }
-        if (r.rejected + r.pending) as usize > r.failures.len() {
+        // More failures than shown were recorded (records left pending by a
+        // stop are not failures: the stop says why).
+        if (r.rejected as usize) > r.failures.len()
+            || (r.stopped_early.is_none() && (r.rejected + r.pending) as usize > r.failures.len())
+        {
             say!("  (see `backflow history {} --rejections` for all)", r.sync);
         }
     }

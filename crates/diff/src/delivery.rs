@@ -103,7 +103,7 @@ impl StateStore {
             format!(
                 "SELECT key, 'removed' AS change, 'delete' AS op, fingerprint, payload, route, gen FROM (
                      SELECT p.* FROM pending p JOIN outbox o ON o.key = p.key AND o.change = 'removed'
-                     WHERE o.route IS DISTINCT FROM p.route
+                     WHERE o.route IS DISTINCT FROM p.route AND o.payload IS NOT NULL
                      {only_pending})"
             )
         } else if let Some(staged) = staged {
@@ -128,8 +128,12 @@ impl StateStore {
             [],
         )? as u64;
         self.conn.execute_batch("DROP TABLE additions")?;
+        // A delete after an unconfirmed delete of the key is the same
+        // occurrence (sent again, perhaps to its other URL).
         self.conn.execute_batch(
-            "UPDATE outbox SET gen = CASE WHEN p.op = outbox.op AND p.fingerprint = outbox.fingerprint THEN p.gen
+            "UPDATE outbox SET gen = CASE WHEN p.op = outbox.op
+                                               AND (p.fingerprint = outbox.fingerprint OR outbox.op = 'delete')
+                                          THEN p.gen
                                           ELSE greatest(outbox.gen, p.gen + 1) END
              FROM pending p WHERE outbox.key = p.key",
         )?;
@@ -278,6 +282,8 @@ impl StateStore {
                      CREATE OR REPLACE TEMP TABLE unconfirmed AS
                      SELECT o.key, o.op, o.fingerprint, o.payload, o.route, coalesce(o.gen, 1) AS gen
                      FROM outbox o JOIN gaps g ON o.row_num BETWEEN g.first_row AND g.last_row
+                     -- A key deleted at two URLs keeps the second delete (the
+                     -- first goes again from the snapshot, same generation).
                      QUALIFY row_number() OVER (PARTITION BY o.key ORDER BY o.row_num DESC) = 1;
                      DELETE FROM pending WHERE key IN (SELECT key FROM unconfirmed);
                      INSERT INTO pending SELECT key, op, fingerprint, payload, route, gen, {run} FROM unconfirmed;

@@ -376,15 +376,17 @@ impl StateStore {
                  SELECT key, fingerprint, payload, route, row_hash, gen FROM snapshot JOIN wanted USING (key)",
             )?;
         }
-        self.conn.execute_batch(
+        // Counted first: a statement does not read the table it appends to.
+        let written = self.count("SELECT count(*) FROM outbox")?;
+        self.conn.execute_batch(&format!(
             "INSERT INTO outbox
-             SELECT (SELECT count(*) FROM outbox) + row_number() OVER (ORDER BY d.key), d.key, 'removed', d.op,
+             SELECT {written} + row_number() OVER (ORDER BY d.key), d.key, 'removed', d.op,
                     r.fingerprint, r.payload, r.route, r.row_hash, coalesce(r.gen, 1) + 1
              FROM diff d LEFT JOIN (SELECT r.* FROM removed_rows r JOIN wanted USING (key)) r USING (key)
              WHERE d.op IS NOT NULL;
              DROP TABLE removed_rows;
-             DROP TABLE wanted;",
-        )?;
+             DROP TABLE wanted;"
+        ))?;
         let unconfirmed_removals = self.settle_occurrences(mode, false, None)?;
         Ok((self.count("SELECT count(*) FROM outbox")?, unconfirmed_removals))
     }

@@ -269,6 +269,10 @@ fn a_key_whose_unconfirmed_delivery_went_to_another_url_is_deleted_at_both() {
     assert_eq!(routes(&gone), [(Op::Delete, r#"{"org":1}"#.into()), (Op::Delete, r#"{"org":2}"#.into())]);
     let ids: std::collections::HashSet<String> = gone.iter().map(id).collect();
     assert_eq!(ids.len(), 2, "two deletes, two ids");
+    // Neither acknowledged: both go again, under the ids they had.
+    deliver(&store, &gone, |_| false, true);
+    let gone = outbox(&[]);
+    assert_eq!(gone.iter().map(id).collect::<std::collections::HashSet<_>>(), ids);
     // Only the delete at org 2 is acknowledged: the one at org 1 goes again.
     deliver(&store, &gone, |r| r.route.as_deref() == Some(r#"{"org":2}"#), true);
     store.verify().unwrap();

@@ -125,7 +125,8 @@ pub struct RunReport {
     pub mapping_changed: bool,
     /// Records acknowledged, per op.
     pub delivered: BTreeMap<Op, u64>,
-    /// Records refused by the receiver (permanent statuses, redirects).
+    /// Records refused by the receiver (record-level statuses such as 400,
+    /// 413 or 422).
     pub rejected: u64,
     /// Records not delivered that may succeed later (retryable failures,
     /// and records not attempted after the run stopped early).
@@ -599,6 +600,8 @@ impl Engine {
         if encoded.is_err() && report.stopped_early.is_none() {
             report.stopped_early = Some("stopped early: the encoding thread failed; the rest stays pending".into());
         }
+        // The reason may quote the receiver (a redirect's Location, a host).
+        report.stopped_early = report.stopped_early.take().map(|reason| self.env.redact(&reason));
         p.store.ack(&ctx.run_id, &acks)?;
         tracing::debug!(sync = %ctx.sync, commits, elapsed = ?committing, "acknowledgements committed while sending");
         let folding = Instant::now();

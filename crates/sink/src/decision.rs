@@ -44,6 +44,9 @@ pub struct Answer<'a> {
     pub method: Method,
     /// Whether the request carried one record.
     pub single: bool,
+    /// Whether its URL holds values of the record (placeholders): a 404 or
+    /// 410 then speaks of that record, not of the destination.
+    pub per_record_url: bool,
     /// The `Location` header.
     pub location: Option<&'a str>,
     /// The `Retry-After` header.
@@ -64,7 +67,12 @@ impl Decision {
         };
         match s {
             200..=299 => Decision::Deliver,
+            // A DELETE of one record answered 404 or 410: it is gone. A
+            // batch's answer says nothing of each record: split it.
             404 | 410 if a.method == Method::Delete && a.single => Decision::Deliver,
+            404 | 410 if a.method == Method::Delete || a.per_record_url => {
+                Decision::RejectRecord { reason: format!("HTTP {s}: the receiver has no such record") }
+            }
             401 => destination("the receiver refuses the credentials (check the destination's headers)"),
             403 => destination("the receiver forbids these requests (check the credentials' rights)"),
             404 => destination("the receiver has no such endpoint (check the destination's URL)"),
@@ -89,7 +97,8 @@ mod tests {
     use super::*;
 
     fn decide(status: u16, method: Method, single: bool) -> Decision {
-        Decision::for_answer(Answer { status, method, single, location: None, retry_after: Some("7") })
+        let per_record_url = false;
+        Decision::for_answer(Answer { status, method, single, per_record_url, location: None, retry_after: Some("7") })
     }
 
     #[test]
@@ -108,9 +117,19 @@ mod tests {
                 "Retry-After honoured on {s}"
             );
         }
-        // A record already gone is deleted; a batch's 404 says nothing of each.
+        // A record already gone is deleted; a batch's 404 says nothing of
+        // each (split); a 404 at a URL made from the record speaks of it.
         assert_eq!(decide(404, Method::Delete, true), Decision::Deliver);
         assert_eq!(decide(410, Method::Delete, true), Decision::Deliver);
-        assert!(matches!(decide(404, Method::Delete, false), Decision::RejectDestination { .. }));
+        assert!(matches!(decide(404, Method::Delete, false), Decision::RejectRecord { .. }));
+        let at_record = Answer {
+            status: 404,
+            method: Method::Patch,
+            single: true,
+            per_record_url: true,
+            location: None,
+            retry_after: None,
+        };
+        assert!(matches!(Decision::for_answer(at_record), Decision::RejectRecord { .. }));
     }
 }

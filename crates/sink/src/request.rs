@@ -32,6 +32,8 @@ pub struct HttpRequest {
     /// or 410 finds it gone, which is what was asked (a batch's 404 says
     /// nothing of each record).
     pub single: bool,
+    /// Whether the URL holds values of the record (placeholders).
+    pub per_record_url: bool,
 }
 
 impl HttpRequest {
@@ -80,10 +82,20 @@ struct Route {
     url: UrlTemplate,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Signer {
     HmacSha1(Vec<u8>),
     StandardWebhooks(std::sync::Arc<[u8]>),
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never shown.
+        f.write_str(match self {
+            Signer::HmacSha1(_) => "HmacSha1(<secret>)",
+            Signer::StandardWebhooks(_) => "StandardWebhooks(<secret>)",
+        })
+    }
 }
 
 /// A destination with its `${VAR}` references resolved and checked.
@@ -312,8 +324,16 @@ impl Destination {
         if single {
             headers.append(IDEMPOTENCY_KEY, text_value(first.message_id.clone()));
         }
-        let mut request =
-            HttpRequest { method: route.method, url, target, headers, body, timed: None, single: records.len() == 1 };
+        let mut request = HttpRequest {
+            method: route.method,
+            url,
+            target,
+            headers,
+            body,
+            timed: None,
+            single: records.len() == 1,
+            per_record_url: route.url.columns().next().is_some(),
+        };
         match &self.signer {
             Some(Signer::HmacSha1(secret)) => {
                 // Over the exact bytes only: the same for every attempt.
@@ -366,7 +386,14 @@ impl Destination {
             let mut left = records;
             let right = left.split_off(left.len() / 2);
             let mut out = Box::pin(self.deliver(sender, left, ctx)).await;
-            out.extend(Box::pin(self.deliver(sender, right, ctx)).await);
+            // A destination that refused the left half would refuse the right.
+            let refused = out.iter().find(|(_, o)| matches!(o, Outcome::Failed { destination: true, .. }));
+            if let Some((_, refused)) = refused {
+                let refused = refused.clone();
+                out.extend(right.into_iter().map(|r| (r, refused.clone())));
+            } else {
+                out.extend(Box::pin(self.deliver(sender, right, ctx)).await);
+            }
             return out;
         }
         records.into_iter().map(|r| (r, outcome.clone())).collect()

@@ -135,7 +135,7 @@ impl Origin {
 /// One attempt's result, before the retry decision.
 enum Attempt {
     Done(Outcome),
-    Retry { status: Option<u16>, reason: String, body: String, wait: Option<Duration> },
+    Retry { status: Option<u16>, reason: String, body: String, wait: Option<Duration>, unresolved: bool },
 }
 
 /// Why no answer came.
@@ -144,9 +144,12 @@ enum Failure {
     Invalid(String),
     /// No connection, a broken exchange or no answer in time.
     Transport(String),
-    /// The destination cannot be reached by any request: its name does not
-    /// resolve, or its TLS handshake fails.
+    /// The destination cannot be reached by any request: its TLS
+    /// certificate or protocol is refused.
     Destination(String),
+    /// The receiver's host name does not resolve: retried (a resolver may
+    /// fail for a moment), then the destination's when it persists.
+    Unresolved(String),
 }
 
 impl Sender {
@@ -178,14 +181,15 @@ impl Sender {
         loop {
             match self.attempt(request, attempt).await {
                 Attempt::Done(outcome) => return outcome,
-                Attempt::Retry { status, reason, body, wait } => {
+                Attempt::Retry { status, reason, body, wait, unresolved } => {
                     if attempt >= attempts {
+                        // A name that never resolved is the destination's.
                         return Outcome::Failed {
                             status,
                             reason,
                             body,
-                            retryable: true,
-                            destination: false,
+                            retryable: !unresolved,
+                            destination: unresolved,
                             attempts: attempt,
                         };
                     }
@@ -235,6 +239,9 @@ impl Sender {
                 });
             }
             Ok(Err(Failure::Transport(reason))) => return retry_without_status(reason),
+            Ok(Err(Failure::Unresolved(reason))) => {
+                return Attempt::Retry { status: None, reason, body: String::new(), wait: None, unresolved: true };
+            }
             Ok(Ok(answer)) => answer,
         };
         let status = answer.status;
@@ -247,6 +254,7 @@ impl Sender {
                     reason: format!("response body broke off: {e}"),
                     body: String::new(),
                     wait: None,
+                    unresolved: false,
                 };
             }
             Err(_) => String::new(),
@@ -255,6 +263,7 @@ impl Sender {
             status,
             method: request.method,
             single: request.single,
+            per_record_url: request.per_record_url,
             location: answer.location.as_deref(),
             retry_after: answer.retry_after.as_deref(),
         };
@@ -268,7 +277,9 @@ impl Sender {
         };
         match Decision::for_answer(answered) {
             Decision::Deliver => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
-            Decision::Retry { reason, wait } => Attempt::Retry { status: Some(status), reason, body, wait },
+            Decision::Retry { reason, wait } => {
+                Attempt::Retry { status: Some(status), reason, body, wait, unresolved: false }
+            }
             Decision::RejectRecord { reason } => Attempt::Done(failed(reason, false)),
             Decision::RejectDestination { reason } => Attempt::Done(failed(reason, true)),
         }
@@ -352,9 +363,7 @@ impl Sender {
             // fails every request alike.
             let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((origin.host.as_str(), origin.port))
                 .await
-                .map_err(|e| {
-                    Failure::Destination(format!("cannot resolve the receiver's host `{}`: {e}", origin.host))
-                })?
+                .map_err(|e| Failure::Unresolved(format!("cannot resolve the receiver's host `{}`: {e}", origin.host)))?
                 .collect();
             let tcp = tokio::net::TcpStream::connect(&addresses[..])
                 .await
@@ -366,10 +375,16 @@ impl Sender {
             let tls = self.tls().map_err(Failure::Destination)?;
             let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
                 .map_err(|_| Failure::Invalid(format!("`{}` is not a valid TLS server name", origin.host)))?;
-            let stream = tls
-                .connect(name, tcp)
-                .await
-                .map_err(|e| Failure::Destination(format!("TLS handshake failed: {}", error_chain(&e))))?;
+            let stream = tls.connect(name, tcp).await.map_err(|e| {
+                let reason = format!("TLS handshake failed: {}", error_chain(&e));
+                // Refused by TLS itself (a certificate, a protocol):
+                // every attempt would be; a broken connection may not.
+                if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                    Failure::Destination(reason)
+                } else {
+                    Failure::Transport(reason)
+                }
+            })?;
             Ok(http1::Connection::new(http1::Stream::Tls(Box::new(stream))))
         };
         match tokio::time::timeout(self.inner.connect_timeout, connect).await {
@@ -407,7 +422,7 @@ impl Sender {
 }
 
 fn retry_without_status(reason: String) -> Attempt {
-    Attempt::Retry { status: None, reason, body: String::new(), wait: None }
+    Attempt::Retry { status: None, reason, body: String::new(), wait: None, unresolved: false }
 }
 
 /// `Retry-After` as seconds or an HTTP date.

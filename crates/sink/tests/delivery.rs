@@ -230,14 +230,26 @@ fn a_batch_refused_with_401_costs_one_request_and_is_not_split() {
 }
 
 #[test]
-fn a_batch_delete_answered_404_is_the_destination_and_one_record_is_gone() {
+fn deletes_answered_404_are_gone_and_a_404_at_a_record_url_is_that_records() {
     let r = Receiver::start();
     r.respond(|_, _| Reply::Status(404));
+    // A batch's 404 says nothing of each record: split down to singles, each gone.
     let batched =
         deliver(&config(&r.url(), json!({"batch_size": 10, "method": "DELETE"})), (1..=10).map(record).collect());
-    assert!(batched.iter().all(|(_, o)| matches!(o, Outcome::Failed { destination: true, .. })));
-    let single = deliver(&config(&r.url(), json!({"method": "DELETE"})), vec![record(1)]);
-    assert!(single[0].1.is_delivered(), "{:?}", single[0].1);
+    assert!(batched.iter().all(|(_, o)| o.is_delivered()), "{batched:?}");
+    // A 404 at a URL made from the record refuses that record only.
+    let mut routed = record(7);
+    routed.route = json!({"id": 7}).as_object().unwrap().clone();
+    let c = config(&format!("{}/users/{{id}}", r.url()), json!({"method": "PATCH"}));
+    match deliver(&c, vec![routed]).pop().unwrap().1 {
+        Outcome::Failed { status: Some(404), destination: false, retryable: false, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    // Without placeholders, a 404 is the destination's.
+    match one(&config(&r.url(), json!({}))) {
+        Outcome::Failed { status: Some(404), destination: true, .. } => {}
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
