@@ -895,7 +895,11 @@ impl Engine {
 /// Opens (and closes) a TCP connection to the URL's host and port.
 async fn reach(url: &str, timeout: Duration) -> Result<String, String> {
     let parsed = url::Url::parse(&url.replace(['{', '}'], "")).map_err(|e| e.to_string())?;
-    let host = parsed.host_str().ok_or("the URL has no host")?.to_string();
+    // An IPv6 address without its URL brackets, to connect to.
+    let host = match parsed.host().ok_or("the URL has no host")? {
+        url::Host::Ipv6(address) => address.to_string(),
+        other => other.to_string(),
+    };
     let port = parsed.port_or_known_default().ok_or("the URL has no port")?;
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
         Ok(Ok(stream)) => Ok(stream.peer_addr().map(|a| a.to_string()).unwrap_or(format!("{host}:{port}"))),
