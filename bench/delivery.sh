@@ -24,19 +24,7 @@ cargo test --release --workspace --no-run --quiet 2>/dev/null
 bin="$CARGO_TARGET_DIR/release/backflow"
 
 work=$(mktemp -d)
-trap 'kill $receiver 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$bin" listen --quiet --port "$port" 2>/dev/null &
-receiver=$!
-until (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; do sleep 0.1; done
-
-# A body shaped like one of ours.
-body='{"name":"n42","email":"u42@example.org","score":42,"active":true,"city":"Lisbon","_meta":{"op":"upsert","change":"added","sync":"bench","mode":"upsert","run_id":"0193a0b1-0000-7000-8000-000000000000","row_num":42,"message_id":"5f0c2a8e-1b7d-5c3e-9a4f-6d2b8e1c0f3a","key":{"id":42}}}'
-cat > "$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$body'
-wrk.headers["Content-Type"] = "application/json"
-LUA
+source bench/receiver.sh
 
 mkdir -p "$work/syncs"
 # The warehouse's rows; the argument is part of every name, so another

@@ -218,26 +218,8 @@ impl Sender {
         };
         let answer = match tokio::time::timeout(self.inner.timeout, exchange).await {
             Err(_) => return retry_without_status("timed out waiting for the receiver".into()),
-            Ok(Err(Failure::Invalid(reason))) => {
-                return Attempt::Done(Outcome::Failed {
-                    status: None,
-                    reason,
-                    body: String::new(),
-                    retryable: false,
-                    destination: false,
-                    attempts: attempt,
-                });
-            }
-            Ok(Err(Failure::Destination(reason))) => {
-                return Attempt::Done(Outcome::Failed {
-                    status: None,
-                    reason,
-                    body: String::new(),
-                    retryable: false,
-                    destination: true,
-                    attempts: attempt,
-                });
-            }
+            Ok(Err(Failure::Invalid(reason))) => return refused_without_status(reason, false, attempt),
+            Ok(Err(Failure::Destination(reason))) => return refused_without_status(reason, true, attempt),
             Ok(Err(Failure::Transport(reason))) => return retry_without_status(reason),
             Ok(Err(Failure::Unresolved(reason))) => {
                 return Attempt::Retry { status: None, reason, body: String::new(), wait: None, unresolved: true };
@@ -419,6 +401,19 @@ impl Sender {
         let step = base.saturating_mul(1u64 << (attempt - 1).min(20));
         Duration::from_millis(step / 2 + fastrand::u64(0..=step / 2))
     }
+}
+
+/// A refusal with no answer: of the request (`destination` false) or of
+/// every request to the destination.
+fn refused_without_status(reason: String, destination: bool, attempts: u32) -> Attempt {
+    Attempt::Done(Outcome::Failed {
+        status: None,
+        reason,
+        body: String::new(),
+        retryable: false,
+        destination,
+        attempts,
+    })
 }
 
 fn retry_without_status(reason: String) -> Attempt {
