@@ -26,6 +26,19 @@ pub struct Tally {
     pub bad_inputs: usize,
     pub clear_errors: usize,
     pub secrets_leaked: usize,
+    /// Scenarios skipped, with why (printed, never silent).
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Tally {
+    /// Records that the scenario `name` cannot run here, saying why at once
+    /// (past the test harness's capture).
+    pub fn skip(&mut self, name: &str, why: &str) -> Verdict {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "reliability: SKIPPED scenario `{name}`: {why}");
+        self.skipped.push((name.to_string(), why.to_string()));
+        Verdict::default()
+    }
 }
 
 #[test]
@@ -41,7 +54,7 @@ fn the_promise_holds_under_faults_kills_and_bad_input() {
     let _ = writeln!(
         std::io::stdout(),
         "reliability: {} kills ({} mid-run), {} lost, {} ids reused, {} id conflicts, {} false claims, {} corrupt, \
-         {} not converged; {} fault scenarios held; {} bad inputs, {} clear errors; {} secrets leaked",
+         {} not converged; {} fault scenarios held, {} skipped; {} bad inputs, {} clear errors; {} secrets leaked",
         tally.kills,
         tally.kills_mid_run,
         v.lost,
@@ -51,6 +64,7 @@ fn the_promise_holds_under_faults_kills_and_bad_input() {
         v.corrupt,
         v.not_converged,
         tally.scenarios,
+        tally.skipped.len(),
         tally.bad_inputs,
         tally.clear_errors,
         tally.secrets_leaked
