@@ -49,6 +49,10 @@ pub struct DestinationConfig {
     /// Joins nested keys when a `GET` flattens the payload (default `__`).
     #[serde(default = "separator")]
     pub flatten_separator: String,
+    /// `gzip` compresses request bodies (`Content-Encoding: gzip`; a
+    /// signature covers the compressed bytes, as sent), or `none` (default).
+    #[serde(default)]
+    pub compress: Compression,
     /// Request signing (optional).
     #[serde(default)]
     pub signing: Option<SigningConfig>,
@@ -113,6 +117,17 @@ impl Method {
             Method::Delete => "DELETE",
         }
     }
+}
+
+/// How request bodies are encoded on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// As they are.
+    #[default]
+    None,
+    /// gzip, with `Content-Encoding: gzip`.
+    Gzip,
 }
 
 /// Request signing.

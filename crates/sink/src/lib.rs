@@ -17,7 +17,9 @@ pub mod send;
 pub mod signing;
 pub mod url;
 
-pub use config::{DestinationConfig, Method, RateLimit, RetryConfig, RouteConfig, SigningConfig, SigningScheme};
+pub use config::{
+    Compression, DestinationConfig, Method, RateLimit, RetryConfig, RouteConfig, SigningConfig, SigningScheme,
+};
 pub use decision::Decision;
 pub use encode::MetaContext;
 pub use request::{Batch, Destination, HttpRequest};

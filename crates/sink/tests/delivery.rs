@@ -253,6 +253,25 @@ fn deletes_answered_404_are_gone_and_a_404_at_a_record_url_is_that_records() {
 }
 
 #[test]
+fn bodies_can_be_sent_gzip_compressed_and_signed_as_sent() {
+    use std::io::Read;
+    let r = Receiver::start();
+    let c = config(
+        &r.url(),
+        json!({"compress": "gzip", "batch_size": 50, "signing": {"scheme": "hmac-sha1", "secret": "k"}}),
+    );
+    assert!(deliver(&c, (1..=50).map(record).collect()).iter().all(|(_, o)| o.is_delivered()));
+    let got = &r.requests()[0];
+    assert_eq!(got.header("content-encoding"), Some("gzip"));
+    assert!(backflow_sink::signing::verify_hmac_sha1(b"k", &got.body, got.header("x-signature").unwrap()));
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&got.body[..]).read_to_string(&mut text).unwrap();
+    let items: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(items.as_array().map(Vec::len), Some(50));
+    assert!(got.body.len() < text.len(), "{} compressed bytes for {}", got.body.len(), text.len());
+}
+
+#[test]
 fn concurrency_and_rate_limits_hold() {
     let r = Receiver::start();
     let c = config(&r.url(), json!({"rate_limit": "20/s", "concurrency": 1}));
