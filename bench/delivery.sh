@@ -20,8 +20,9 @@ concurrency=8
 rounds=3
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo test --release --workspace --no-run --quiet 2>/dev/null
-bin="$CARGO_TARGET_DIR/release/backflow"
+# BACKFLOW_BIN measures another build (e.g. an older commit's) instead.
+if [ -z "${BACKFLOW_BIN:-}" ]; then cargo test --release --workspace --no-run --quiet 2>/dev/null; fi
+bin="${BACKFLOW_BIN:-$CARGO_TARGET_DIR/release/backflow}"
 
 work=$(mktemp -d)
 source bench/receiver.sh

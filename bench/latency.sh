@@ -16,8 +16,9 @@ seconds="${2:-5}"
 concurrencies="${3:-8 64 256}"
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/backflow"
+# BACKFLOW_BIN measures another build (e.g. an older commit's) instead.
+if [ -z "${BACKFLOW_BIN:-}" ]; then cargo test --release --workspace --no-run --quiet 2>/dev/null; fi
+bin="${BACKFLOW_BIN:-$CARGO_TARGET_DIR/release/backflow}"
 
 work=$(mktemp -d)
 listen_delay="${delay_ms}ms"

@@ -227,7 +227,20 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
         Command::Run { syncs, all, full } => {
             let engine = load(cli, env.clone())?;
             let names = selected(&engine, syncs, *all)?;
-            run(&engine, &names, *full, &out).await
+            // Ctrl-C (or SIGTERM) drains: requests in flight end and are
+            // committed, the rest stays pending; a second one quits at once
+            // (still at least once: unconfirmed records are sent again).
+            let stop = async {
+                stop_signal().await;
+                engine.stop();
+                eprintln!("stopping: finishing the requests in flight (again to quit at once)");
+                stop_signal().await;
+                std::process::exit(130);
+            };
+            tokio::select! {
+                code = run(&engine, &names, *full, &out) => code,
+                _ = stop => unreachable!("exits"),
+            }
         }
         Command::Serve => {
             let engine = load(cli, env.clone())?;
@@ -249,11 +262,16 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
                 "serving {} scheduled sync(s); Ctrl-C to stop",
                 engine.project.syncs.iter().filter(|s| s.spec.schedule.is_some()).count()
             );
-            engine
-                .serve(&progress, &mut report, async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
+            // The first signal drains the run in flight; a second quits at once.
+            let force = async {
+                stop_signal().await;
+                stop_signal().await;
+                std::process::exit(130);
+            };
+            tokio::select! {
+                served = engine.serve(&progress, &mut report, stop_signal()) => served?,
+                _ = force => unreachable!("exits"),
+            }
             Ok(if failed { INCOMPLETE } else { OK })
         }
         Command::Reset { sync } => {
@@ -314,11 +332,33 @@ fn selected(engine: &Engine, syncs: &[String], all: bool) -> anyhow::Result<Vec<
     Ok(syncs.to_vec())
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match term.as_mut() {
+            Some(term) => {
+                term.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminated => {}
+    }
+}
+
 /// Runs syncs in order; the exit code is the worst of them.
 async fn run(engine: &Engine, names: &[String], full: bool, out: &output::Output) -> anyhow::Result<u8> {
     let mut code = OK;
     let mut reports = Vec::new();
     for name in names {
+        if engine.is_stopping() {
+            code = code.max(INCOMPLETE);
+            eprintln!("{name}: not run (stopping)");
+            continue;
+        }
         let progress = output::TerminalProgress::new(out.json);
         match engine.run(name, full, &progress).await {
             Ok(report) => {

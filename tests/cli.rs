@@ -178,6 +178,50 @@ fn sigkill_mid_delivery_loses_nothing() {
 }
 
 #[test]
+fn ctrl_c_mid_delivery_finishes_the_requests_in_flight_and_commits_them() {
+    let p = Project::new(&sync("mirror", "  concurrency: 4\n"));
+    p.sql("insert into items select range, 'n' || range, range from range(400)");
+    p.receiver.respond(|_, _| Reply::Stall(Duration::from_millis(50)));
+    let run = p.spawn(&["run", "s"]);
+    p.receiver.wait_for(40, Duration::from_secs(60));
+    let interrupted = std::process::Command::new("kill").args(["-INT", &run.id().to_string()]).status().unwrap();
+    assert!(interrupted.success());
+    let ran = finish(run.wait_with_output().unwrap());
+    let sent = p.receiver.requests().len();
+    assert_eq!(ran.code, 1, "partial: the rest stays pending: {}", ran.all());
+    assert!(ran.stderr.contains("stopping: finishing the requests in flight"), "{}", ran.stderr);
+    assert!(ran.stdout.contains("asked to stop"), "{}", ran.stdout);
+    assert!(sent < 400, "stopped mid-delivery");
+    // Every request sent was answered and committed: none is sent again.
+    let again = p.backflow(&["run", "s"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    let all = p.receiver.requests();
+    assert_eq!(all.len(), 400, "each record sent exactly once: {} then {}", sent, all.len() - sent);
+    let mut keys: Vec<u64> = all.iter().map(|r| r.json()["_meta"]["key"]["id"].as_u64().unwrap()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), 400);
+}
+
+#[test]
+fn proxies_from_the_environment_are_used_unless_no_proxy_says_otherwise() {
+    let proxy = backflow_testkit::proxy::Proxy::start(None);
+    let p = Project::new(&sync("upsert", ""));
+    p.sql("insert into items values (1, 'a', 1), (2, 'b', 2)");
+    let ran = finish(p.cmd(&["run", "s"]).env("HTTP_PROXY", proxy.url()).env_remove("NO_PROXY").output().unwrap());
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    assert_eq!(p.receiver.requests().len(), 2);
+    let seen = proxy.seen();
+    assert!(!seen.is_empty() && seen.iter().all(|s| s.target.starts_with(&p.receiver.url())), "{seen:?}");
+    p.sql("update items set score = 3");
+    let ran = finish(
+        p.cmd(&["run", "s"]).env("http_proxy", proxy.url()).env("NO_PROXY", "localhost,127.0.0.1").output().unwrap(),
+    );
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    assert_eq!((p.receiver.requests().len(), proxy.seen().len()), (4, seen.len()), "NO_PROXY went directly");
+}
+
+#[test]
 fn listen_prints_requests_and_verifies_signatures() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let signed = "  signing: {scheme: hmac-sha1, secret: \"${BF_TEST_SIGNING}\"}\n";
@@ -369,7 +413,7 @@ fn https_receivers_are_reached_when_their_certificate_is_trusted_and_only_then()
     let requests = p.receiver.requests();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].target, "/hook");
-    assert_eq!(requests[0].header("host").map(|h| h.starts_with("localhost:")), Some(true));
+    assert_eq!(requests[0].version, "HTTP/2.0", "HTTP/2, offered by the receiver (ALPN)");
     assert_eq!(requests[0].json()["name"], "a");
 
     // Later requests of a run go over the one kept TLS connection.

@@ -25,6 +25,10 @@ impl Ran {
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backflow"));
     c.env_remove("BACKFLOW_PROJECT").env("NO_COLOR", "1");
+    // Tests reach their receivers on loopback directly.
+    for proxy in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        c.env_remove(proxy);
+    }
     c
 }
 

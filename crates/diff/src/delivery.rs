@@ -193,6 +193,9 @@ impl StateStore {
         if row_nums.is_empty() {
             return Ok(());
         }
+        fail::fail_point!("diff::ack", |_| Err(DiffError::Store(duckdb::Error::InvalidParameterName(
+            "injected failure (diff::ack)".into()
+        ))));
         let mut sorted = row_nums.to_vec();
         sorted.sort_unstable();
         let at = now();

@@ -192,6 +192,9 @@ pub struct Checked {
     /// Each sync's destination, its `${VAR}` references resolved and its
     /// URLs, headers, signing secret and limits checked and parsed.
     pub destinations: std::collections::HashMap<String, Destination>,
+    /// Each sync's sender: its HTTP client set up (proxy, TLS files read),
+    /// its connections kept from one run to the next.
+    pub senders: std::collections::HashMap<String, backflow_sink::Sender>,
 }
 
 /// A loaded project.
@@ -382,6 +385,12 @@ impl Project {
             match Destination::new(&sync.spec.destination, env) {
                 Ok(destination) => {
                     checked.destinations.insert(sync.name.clone(), destination);
+                }
+                Err(e) => err(e.to_string()),
+            }
+            match backflow_sink::Sender::new(&sync.spec.destination, env, &self.dir) {
+                Ok(sender) => {
+                    checked.senders.insert(sync.name.clone(), sender);
                 }
                 Err(e) => err(e.to_string()),
             }

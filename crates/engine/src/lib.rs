@@ -77,6 +77,8 @@ pub struct Engine {
     pub env: Env,
     /// What validation checked (every command uses it).
     checked: config::Checked,
+    /// Fired by [`Engine::stop`]: runs in flight drain.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// A sync's recent runs, or why they cannot be read.
@@ -95,7 +97,20 @@ impl Engine {
     pub fn load(dir: &Path, env: Env) -> Result<Engine, EngineError> {
         let project = Project::load(dir, &env)?;
         let checked = project.validate(&env)?;
-        Ok(Engine { project, env, checked })
+        Ok(Engine { project, env, checked, stopping: Default::default() })
+    }
+
+    /// Stops delivery gracefully: runs in flight start no more requests,
+    /// those in flight end as they would, their acknowledgements are
+    /// committed and the rest stays pending (the run ends `partial`). Runs
+    /// started later stop at once the same way.
+    pub fn stop(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Whether [`Engine::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
     }
 
     fn store(&self, sync: &str) -> Result<StateStore, EngineError> {

@@ -7,11 +7,11 @@ use crate::{Engine, EngineError, Progress, in_warehouse};
 use backflow_core::{Mapping, Mode, Op, Record, message_id};
 use backflow_diff::{DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
 use backflow_sink::send::redact_url;
-use backflow_sink::{Batch, Destination, MetaContext, Outcome, Sender};
+use backflow_sink::{Batch, Delivery, Destination, Driver, MetaContext, Outcome, Sender};
 use backflow_source::{Warehouse, WarehouseConfig};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Records read from the outbox at a time: the first page is small, so
@@ -354,6 +354,15 @@ impl Engine {
             .ok_or_else(|| config_error(&sync.name, "destination: not checked (the project was not validated)".into()))
     }
 
+    /// The sync's sender as validation set it up.
+    fn sender(&self, sync: &Sync) -> Result<Sender, EngineError> {
+        self.checked
+            .senders
+            .get(&sync.name)
+            .cloned()
+            .ok_or_else(|| config_error(&sync.name, "destination: not checked (the project was not validated)".into()))
+    }
+
     /// Runs `name` once: stage, diff, deliver, commit acks as they come.
     pub async fn run(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<RunReport, EngineError> {
         let started = Instant::now();
@@ -367,8 +376,7 @@ impl Engine {
         };
         let spec = &p.sync.spec;
         let destination = self.destination(p.sync)?;
-        let sender =
-            Sender::new(&spec.destination).map_err(|source| EngineError::Sink { sync: name.to_string(), source })?;
+        let sender = self.sender(p.sync)?;
         let run_id = uuid::Uuid::now_v7().to_string();
         let mut record_run = RunRecord {
             run_id: run_id.clone(),
@@ -499,18 +507,16 @@ impl Engine {
         // results come back in chunks: no stage is woken per request.
         let (pages, page_rx) = tokio::sync::mpsc::channel::<Vec<OutboxRow>>(2);
         let (chunks, chunk_rx) = tokio::sync::mpsc::channel::<Vec<Batch>>(4);
-        let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel();
-        let network = tokio::spawn(send_all(
-            std::sync::Arc::new(Network {
+        let (driver, mut results) = Driver::start(
+            Delivery {
                 destination: destination.clone(),
                 sender: sender.clone(),
                 ctx: ctx.clone(),
                 concurrency: spec.concurrency.max(1),
                 breaker: spec.circuit_breaker.max(1),
-            }),
+            },
             chunk_rx,
-            results_tx,
-        ));
+        );
         let encoder = {
             let (destination, ctx) = (destination.clone(), ctx.clone());
             std::thread::Builder::new()
@@ -522,6 +528,7 @@ impl Engine {
                 })?
         };
         let mut pages = Some(pages);
+        let mut draining = false;
         let mut after = 0;
         let mut acks: Vec<u64> = Vec::new();
         let mut failures: Vec<Rejection> = Vec::new();
@@ -543,6 +550,12 @@ impl Engine {
                 // Acks waiting are committed on time even while no result comes.
                 let commit_at = last_commit.map_or_else(tokio::time::Instant::now, |at| (at + ACK_INTERVAL).into());
                 tokio::select! {
+                    _ = self.stopping.cancelled(), if !draining => {
+                        // Stopping: requests in flight end, the rest stays pending.
+                        driver.drain();
+                        draining = true;
+                        close = true;
+                    }
                     _ = tokio::time::sleep_until(commit_at), if !acks.is_empty() => {}
                     permit = room => match permit {
                         Some(permit) => {
@@ -586,17 +599,18 @@ impl Engine {
         if let Err(e) = looped {
             // The state cannot be written: nothing more is sent, and the
             // requests in flight are cancelled (their records stay
-            // unconfirmed, as after a crash).
-            network.abort();
+            // unconfirmed, as after a crash); every task has ended before
+            // the error is returned.
+            driver.cancel();
             drop(pages);
             drop(results);
-            let _ = network.await;
+            driver.finish().await;
             let _ = encoder.join();
             return Err(e);
         }
         drop(pages);
         let encoded = encoder.join();
-        report.stopped_early = network.await.unwrap_or_else(|e| Some(format!("the sending task failed: {e}")));
+        report.stopped_early = driver.finish().await;
         if encoded.is_err() && report.stopped_early.is_none() {
             report.stopped_early = Some("stopped early: the encoding thread failed; the rest stays pending".into());
         }
@@ -690,113 +704,11 @@ fn settle(
     }
 }
 
-/// What the sending task needs.
-struct Network {
-    destination: Destination,
-    sender: Sender,
-    ctx: MetaContext,
-    concurrency: usize,
-    breaker: u32,
-}
-
-/// Requests handed to the sending task at a time…
+/// Requests handed to the sink driver at a time…
 const SEND_CHUNK: usize = 64;
 /// … or requests carrying this many records (large batches cross a few at
 /// a time, so little waits in memory).
 const SEND_CHUNK_RECORDS: usize = 4096;
-/// Results are handed back when this many are ready, or after
-/// [`RESULT_INTERVAL`].
-const RESULT_CHUNK: usize = 1024;
-const RESULT_INTERVAL: Duration = Duration::from_millis(50);
-
-/// Keeps `concurrency` batches in flight until the queue closes and is
-/// drained, or until `breaker` requests in a row failed with retryable
-/// errors (then says so). Each request is a task of its own, so both
-/// runtime threads send and read answers (5% faster per record than one
-/// task polling every request); requests still in flight when this stops
-/// are cancelled with the set that holds them.
-async fn send_all(
-    n: std::sync::Arc<Network>,
-    mut queue: tokio::sync::mpsc::Receiver<Vec<Batch>>,
-    results: tokio::sync::mpsc::UnboundedSender<Vec<(Record, Outcome)>>,
-) -> Option<String> {
-    let mut local: VecDeque<Batch> = VecDeque::new();
-    let mut in_flight = tokio::task::JoinSet::new();
-    let mut open = true;
-    let mut down_streak = 0u32;
-    let mut chunk = Vec::new();
-    let mut last_flush = Instant::now();
-    loop {
-        while open && local.len() < n.concurrency {
-            match queue.try_recv() {
-                Ok(batches) => local.extend(batches),
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
-            }
-        }
-        while in_flight.len() < n.concurrency {
-            let Some(batch) = local.pop_front() else { break };
-            let n = n.clone();
-            in_flight.spawn(async move { n.destination.send(&n.sender, batch, &n.ctx).await });
-        }
-        if in_flight.is_empty() {
-            if !chunk.is_empty() {
-                let _ = results.send(std::mem::take(&mut chunk));
-            }
-            if !open {
-                return None;
-            }
-            match queue.recv().await {
-                Some(batches) => local.extend(batches),
-                None => open = false,
-            }
-            continue;
-        }
-        let done = tokio::select! {
-            done = in_flight.join_next() => done,
-            batches = queue.recv(), if open && local.is_empty() && in_flight.len() < n.concurrency => {
-                match batches {
-                    Some(batches) => local.extend(batches),
-                    None => open = false,
-                }
-                None
-            }
-        };
-        if let Some(done) = done {
-            let done = match done {
-                Ok(done) => done,
-                Err(e) => {
-                    let _ = results.send(chunk);
-                    return Some(format!(
-                        "stopped early: a request failed inside Backflow ({e}); the rest stays pending"
-                    ));
-                }
-            };
-            let refused = done.iter().find_map(|(_, o)| match o {
-                Outcome::Failed { destination: true, reason, .. } => Some(reason.clone()),
-                _ => None,
-            });
-            let all_down = done.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
-            down_streak = if all_down { down_streak + 1 } else { 0 };
-            chunk.extend(done);
-            if let Some(reason) = refused {
-                let _ = results.send(chunk);
-                return Some(format!("stopped early: {reason}; the rest stays pending"));
-            }
-            if down_streak >= n.breaker {
-                let _ = results.send(chunk);
-                return Some(format!(
-                    "stopped early: {} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending",
-                    n.breaker
-                ));
-            }
-        }
-        if chunk.len() >= RESULT_CHUNK || (!chunk.is_empty() && last_flush.elapsed() >= RESULT_INTERVAL) {
-            let _ = results.send(std::mem::take(&mut chunk));
-            last_flush = Instant::now();
-        }
-    }
-}
 
 fn config_error(sync: &str, message: String) -> EngineError {
     EngineError::Config(crate::ConfigErrors(vec![crate::ConfigError { place: format!("sync {sync}"), message }]))
@@ -861,8 +773,9 @@ impl backflow_source::RowConsumer for ColumnCheck<'_> {
 }
 
 impl Engine {
-    /// Reaches the warehouse (the query, with no rows read) and opens a TCP
-    /// connection to the destination's host. Sends nothing.
+    /// Reaches the warehouse (the query, with no rows read) and opens a
+    /// connection to the destination as a run would (proxy and TLS
+    /// included). Sends nothing.
     pub async fn check(&self, name: &str) -> Result<CheckReport, EngineError> {
         let sync = self.project.sync(name)?;
         let destination = self.destination(sync)?;
@@ -881,7 +794,7 @@ impl Engine {
             Ok(check.columns)
         })();
         let url = self.env.expand(&sync.spec.destination.url).unwrap_or_default();
-        let destination = reach(&url, sync.spec.destination.connect_timeout.get()).await;
+        let destination = self.sender(sync)?.reach(&url).await;
         // A warehouse's error may quote the query with its `${VAR}` values.
         let redact = |e: String| self.env.redact(&e);
         Ok(CheckReport {
@@ -889,22 +802,6 @@ impl Engine {
             source: source.map_err(redact),
             destination: destination.map_err(redact),
         })
-    }
-}
-
-/// Opens (and closes) a TCP connection to the URL's host and port.
-async fn reach(url: &str, timeout: Duration) -> Result<String, String> {
-    let parsed = url::Url::parse(&url.replace(['{', '}'], "")).map_err(|e| e.to_string())?;
-    // An IPv6 address without its URL brackets, to connect to.
-    let host = match parsed.host().ok_or("the URL has no host")? {
-        url::Host::Ipv6(address) => address.to_string(),
-        other => other.to_string(),
-    };
-    let port = parsed.port_or_known_default().ok_or("the URL has no port")?;
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
-        Ok(Ok(stream)) => Ok(stream.peer_addr().map(|a| a.to_string()).unwrap_or(format!("{host}:{port}"))),
-        Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
-        Err(_) => Err(format!("no answer from {host}:{port} within {timeout:?}")),
     }
 }
 

@@ -17,8 +17,9 @@ fn next_due(schedule: &Schedule, after: chrono::DateTime<chrono::Utc>) -> Option
 }
 
 impl Engine {
-    /// Runs scheduled syncs forever (or until `stop` resolves), calling
-    /// `report` after every run. A sync that is already running elsewhere
+    /// Runs scheduled syncs forever (or until `stop` resolves: a run in
+    /// flight is drained first, see [`Engine::stop`]), calling `report`
+    /// after every run. A sync that is already running elsewhere
     /// is skipped until its next slot. Errors of one run do not stop the
     /// scheduler.
     pub async fn serve(
@@ -58,9 +59,23 @@ impl Engine {
                 _ = tokio::time::sleep(wait) => {}
             }
             let name = due[index].0.clone();
-            match self.run(&name, false, progress).await {
+            let run = self.run(&name, false, progress);
+            tokio::pin!(run);
+            let (result, stopped) = tokio::select! {
+                result = &mut run => (result, false),
+                _ = &mut stop => {
+                    // Drained: requests in flight end, their acknowledgements
+                    // are committed, the rest stays pending.
+                    self.stop();
+                    (run.await, true)
+                }
+            };
+            match result {
                 Ok(r) => report(&name, Ok(&r)),
                 Err(e) => report(&name, Err(&e)),
+            }
+            if stopped {
+                return Ok(());
             }
             let after = chrono::Utc::now().max(at);
             due[index].2 = next_due(&due[index].1, after).unwrap_or(after + chrono::TimeDelta::days(365));

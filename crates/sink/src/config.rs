@@ -5,6 +5,8 @@ use backflow_core::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::transport::{Http2, Proxy, TransportConfig};
+
 /// Where and how records are sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +77,107 @@ pub struct DestinationConfig {
     /// retries) before the run stops early, leaving the rest pending (default 10).
     #[serde(default = "breaker")]
     pub circuit_breaker: u32,
+    /// HTTP/2: `auto` (default: where the receiver offers it over TLS, by
+    /// ALPN), `always` (by ALPN over TLS, by prior knowledge over `http://`)
+    /// or `never` (HTTP/1.1 only).
+    #[serde(default)]
+    pub http2: Http2,
+    /// An `http://` proxy for every request (`https` ones go through a
+    /// `CONNECT` tunnel; credentials in the URL, e.g.
+    /// `http://user:${PROXY_PASSWORD}@proxy.internal:3128`), or `none` to go
+    /// directly. Default: as `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
+    /// `NO_PROXY` say.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// TLS settings for `https` receivers.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// A kept connection idle this long is closed (default `90s`).
+    #[serde(default = "idle_timeout")]
+    pub idle_timeout: Duration,
+    /// A kept connection older than this is retired after the answer that
+    /// finds it so (default: no limit). Useful behind load balancers that
+    /// move receivers.
+    #[serde(default)]
+    pub max_lifetime: Option<Duration>,
+}
+
+/// TLS settings. Paths are relative to the project directory and may
+/// reference `${VAR}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A PEM file of certificate authorities trusted besides the system's
+    /// (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// A PEM client certificate (chain) shown to receivers that ask for one
+    /// (mutual TLS); needs `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// The PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
+}
+
+impl DestinationConfig {
+    /// How the transport connects: `${VAR}` from `env`, relative paths
+    /// from `dir`.
+    pub fn transport(
+        &self,
+        env: &backflow_core::env::Env,
+        dir: &std::path::Path,
+    ) -> Result<TransportConfig, crate::SinkError> {
+        let expand = |field: &str, text: &str| {
+            env.expand(text).map_err(|source| crate::SinkError::Env { field: field.to_string(), source })
+        };
+        let path = |field: &str, text: &Option<String>| -> Result<Option<std::path::PathBuf>, crate::SinkError> {
+            let Some(text) = text else { return Ok(None) };
+            let expanded = std::path::PathBuf::from(expand(field, text)?);
+            Ok(Some(if expanded.is_absolute() { expanded } else { dir.join(expanded) }))
+        };
+        let invalid = |field: &str, reason: &str| crate::SinkError::Invalid {
+            field: field.to_string(),
+            reason: reason.to_string(),
+        };
+        let proxy = match self.proxy.as_deref().map(str::trim) {
+            None => Proxy::Environment,
+            Some("none" | "") => Proxy::None,
+            Some(url) => Proxy::Via(expand("proxy", url)?),
+        };
+        let client_cert =
+            match (path("tls.client_cert", &self.tls.client_cert)?, path("tls.client_key", &self.tls.client_key)?) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "tls.client_key",
+                        "is needed with tls.client_cert (the certificate's PEM private key)",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "tls.client_cert",
+                        "is needed with tls.client_key (the PEM certificate the key goes with)",
+                    ));
+                }
+            };
+        if self.idle_timeout.get().is_zero() {
+            return Err(invalid("idle_timeout", "must be longer than 0 (e.g. `90s`)"));
+        }
+        if self.max_lifetime.is_some_and(|d| d.get().is_zero()) {
+            return Err(invalid("max_lifetime", "must be longer than 0 (e.g. `5m`), or left out for no limit"));
+        }
+        Ok(TransportConfig {
+            connect_timeout: self.connect_timeout.get(),
+            idle_timeout: self.idle_timeout.get(),
+            max_lifetime: self.max_lifetime.map(Duration::get),
+            http2: self.http2,
+            proxy,
+            ca_file: path("tls.ca_file", &self.tls.ca_file)?,
+            client_cert,
+        })
+    }
 }
 
 /// A per-change override of method and URL.
@@ -231,6 +334,9 @@ fn max_body_bytes() -> usize {
 }
 fn timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn idle_timeout() -> Duration {
+    Duration::from_secs(90)
 }
 fn connect_timeout() -> Duration {
     Duration::from_secs(10)

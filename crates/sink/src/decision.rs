@@ -75,6 +75,7 @@ impl Decision {
             }
             401 => destination("the receiver refuses the credentials (check the destination's headers)"),
             403 => destination("the receiver forbids these requests (check the credentials' rights)"),
+            407 => destination("the proxy refuses the credentials; put them in the proxy URL"),
             404 => destination("the receiver has no such endpoint (check the destination's URL)"),
             405 => destination("the receiver does not allow this method (check `method` and `on_*`)"),
             410 => destination("the endpoint is gone (check the destination's URL)"),

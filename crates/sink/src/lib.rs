@@ -1,7 +1,7 @@
 //! Webhook delivery, as stages: [`encode`] turns records into a body,
 //! [`request`] builds the HTTP request (URL, headers, signature), [`send`]
-//! delivers it with timeouts and retries, acting on the [`decision`] each
-//! answer gets. The sink never sees SQL.
+//! delivers it with timeouts and retries through a [`transport`], acting on
+//! the [`decision`] each answer gets. The sink never sees SQL.
 //!
 //! Contract: delivery is at least once. A record counts as delivered only on
 //! a 2xx answer to the request that carried it; the caller advances the
@@ -10,20 +10,24 @@
 
 pub mod config;
 pub mod decision;
+pub mod driver;
 pub mod encode;
-mod http1;
 pub mod request;
 pub mod send;
 pub mod signing;
+pub mod transport;
 pub mod url;
 
 pub use config::{
-    Compression, DestinationConfig, Method, RateLimit, RetryConfig, RouteConfig, SigningConfig, SigningScheme,
+    Compression, DestinationConfig, Http2, Method, Proxy, RateLimit, RetryConfig, RouteConfig, SigningConfig,
+    SigningScheme, TlsConfig,
 };
 pub use decision::Decision;
+pub use driver::{Delivery, Driver};
 pub use encode::MetaContext;
 pub use request::{Batch, Destination, HttpRequest};
 pub use send::{Outcome, Sender};
+pub use transport::{HyperTransport, Transport};
 
 /// Why a destination could not be set up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,20 +1,17 @@
 //! Stage 3: sending with a timeout, bounded retries with exponential backoff
 //! and jitter, `Retry-After`, and no redirects; the answer classified.
 //!
-//! Requests go over HTTP/1.1 connections kept alive per origin (scheme, host
-//! and port) and handed from one request to the next, at most one request
-//! per connection at a time; `https` is TLS with the platform's trusted
-//! roots. A kept connection the receiver closed while idle is replaced
-//! without counting an attempt, when the close is seen before the request
-//! is written or when no byte of an answer came on it. Each exchange is run
-//! by the `http1` module inside the request's own future.
+//! Requests go through a [`Transport`] (by default hyper-util's pooled
+//! client, [`HyperTransport`]): connections kept alive per origin, HTTP/2
+//! where the receiver offers it, proxies and client certificates as the
+//! destination says.
 
 use crate::SinkError;
 use crate::config::{DestinationConfig, Method, RetryConfig};
 use crate::decision::{Answer, Decision};
-use crate::http1;
 use crate::request::HttpRequest;
-use std::sync::{Arc, Mutex, OnceLock};
+use crate::transport::{HyperTransport, Limits, Transport, TransportError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How a request ended.
@@ -62,73 +59,70 @@ pub const BODY_PREFIX: usize = 512;
 
 type Limiter = governor::DefaultDirectRateLimiter;
 
-/// Sends requests over kept-alive HTTP connections, within the
-/// destination's rate limit. Clones share the connections.
+/// Sends requests through the destination's transport, within its rate
+/// limit. Clones share the connections.
 #[derive(Debug, Clone)]
 pub struct Sender {
     inner: Arc<Inner>,
+    /// Once cancelled, failed requests are not retried (delivery is
+    /// stopping: they stay pending).
+    stop: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Debug)]
 struct Inner {
     retry: RetryConfig,
     timeout: Duration,
-    connect_timeout: Duration,
     limiter: Option<Limiter>,
+    transport: Arc<dyn Transport>,
     origins: Mutex<Vec<Arc<Origin>>>,
-    tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
-/// Where requests of one scheme, host and port go, with its idle
-/// connections.
+/// Where requests of one scheme, host and port go.
 #[derive(Debug)]
 struct Origin {
     /// `scheme://authority` as it starts the URLs sent there.
     prefix: String,
-    tls: bool,
-    host: String,
-    port: u16,
-    /// The `Host` header line.
-    host_line: Vec<u8>,
-    /// An `Authorization: Basic …` line from credentials written in the URL.
-    auth_line: Option<Vec<u8>>,
-    idle: Mutex<Vec<http1::Connection>>,
+    scheme: http::uri::Scheme,
+    /// Host and port, without credentials.
+    authority: http::uri::Authority,
+    /// `Authorization: Basic …` from credentials written in the URL.
+    auth: Option<http::HeaderValue>,
 }
 
 impl Origin {
-    /// `request` as written on the wire: request line, headers (the `Host`
-    /// line first, then `Authorization` from credentials in the URL unless
-    /// one is configured), `Content-Length` for a body, then the body, in
-    /// one buffer for one write. `attempt` are the headers made for this
-    /// attempt (a signature over the time of sending).
-    fn write(&self, request: &HttpRequest, attempt: &[(http::HeaderName, http::HeaderValue)]) -> Vec<u8> {
-        let target = request.target.path_and_query().map_or("/", |p| p.as_str());
-        let headers_len: usize = request.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-        let mut out = Vec::with_capacity(64 + target.len() + self.host_line.len() + headers_len + request.body.len());
-        out.extend_from_slice(request.method.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(target.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        out.extend_from_slice(&self.host_line);
-        if let Some(auth) = &self.auth_line
-            && !request.headers.contains_key(http::header::AUTHORIZATION)
+    /// `request` as sent: the configured headers, then those made for this
+    /// attempt (a signature over the time of sending), and `Authorization`
+    /// from credentials in the URL unless one is configured.
+    fn request(
+        &self,
+        request: &HttpRequest,
+        attempt: Vec<(http::HeaderName, http::HeaderValue)>,
+    ) -> Result<http::Request<bytes::Bytes>, String> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = request.target.path_and_query().cloned();
+        let uri = http::Uri::from_parts(parts).map_err(|e| format!("bad URL: {e}"))?;
+        let mut headers = request.headers.clone();
+        headers.extend(attempt);
+        if let Some(auth) = &self.auth
+            && !headers.contains_key(http::header::AUTHORIZATION)
         {
-            out.extend_from_slice(auth);
+            headers.insert(http::header::AUTHORIZATION, auth.clone());
         }
-        for (name, value) in request.headers.iter().chain(attempt.iter().map(|(n, v)| (n, v))) {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        if request.method != Method::Get {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(request.body.len()).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&request.body);
-        out
+        let method = match request.method {
+            Method::Get => http::Method::GET,
+            Method::Post => http::Method::POST,
+            Method::Put => http::Method::PUT,
+            Method::Patch => http::Method::PATCH,
+            Method::Delete => http::Method::DELETE,
+        };
+        let mut out = http::Request::new(request.body.clone());
+        *out.method_mut() = method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = headers;
+        Ok(out)
     }
 }
 
@@ -138,23 +132,23 @@ enum Attempt {
     Retry { status: Option<u16>, reason: String, body: String, wait: Option<Duration>, unresolved: bool },
 }
 
-/// Why no answer came.
-enum Failure {
-    /// The request cannot be sent as it is (retrying will not help).
-    Invalid(String),
-    /// No connection, a broken exchange or no answer in time.
-    Transport(String),
-    /// The destination cannot be reached by any request: its TLS
-    /// certificate or protocol is refused.
-    Destination(String),
-    /// The receiver's host name does not resolve: retried (a resolver may
-    /// fail for a moment), then the destination's when it persists.
-    Unresolved(String),
-}
-
 impl Sender {
-    /// A sender with the destination's timeouts, retry policy and rate limit.
-    pub fn new(config: &DestinationConfig) -> Result<Sender, SinkError> {
+    /// A sender for the destination, on hyper-util's client set up as it
+    /// says: `${VAR}` in `proxy` and `tls` from `env`, relative file paths
+    /// from `dir` (the project's). Certificate files are read now.
+    pub fn new(
+        config: &DestinationConfig,
+        env: &backflow_core::env::Env,
+        dir: &std::path::Path,
+    ) -> Result<Sender, SinkError> {
+        let transport = HyperTransport::new(&config.transport(env, dir)?)
+            .map_err(|e| SinkError::Invalid { field: e.field.to_string(), reason: e.reason })?;
+        Ok(Sender::with_transport(config, Arc::new(transport)))
+    }
+
+    /// A sender with the destination's timeouts, retry policy and rate
+    /// limit, sending through `transport`.
+    pub fn with_transport(config: &DestinationConfig, transport: Arc<dyn Transport>) -> Sender {
         let limiter = config.rate_limit.map(|rate| {
             let burst = std::num::NonZeroU32::new(rate.requests).expect("rates are positive");
             let quota = governor::Quota::with_period(rate.per / rate.requests)
@@ -162,16 +156,21 @@ impl Sender {
                 .allow_burst(burst.min(std::num::NonZeroU32::new(config.concurrency.max(1) as u32).expect("positive")));
             governor::RateLimiter::direct(quota)
         });
-        Ok(Sender {
+        Sender {
             inner: Arc::new(Inner {
                 retry: config.retry.clone(),
                 timeout: config.timeout.get(),
-                connect_timeout: config.connect_timeout.get(),
                 limiter,
+                transport,
                 origins: Mutex::new(Vec::new()),
-                tls: OnceLock::new(),
             }),
-        })
+            stop: Default::default(),
+        }
+    }
+
+    /// This sender, retrying no more once `stop` is cancelled.
+    pub fn stopping_on(&self, stop: tokio_util::sync::CancellationToken) -> Sender {
+        Sender { inner: self.inner.clone(), stop }
     }
 
     /// Sends `request`, retrying retryable failures, and says how it ended.
@@ -182,12 +181,23 @@ impl Sender {
             match self.attempt(request, attempt).await {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Retry { status, reason, body, wait, unresolved } => {
+                    let failed = |reason: String| Outcome::Failed {
+                        status,
+                        reason,
+                        body: body.clone(),
+                        retryable: !unresolved,
+                        destination: false,
+                        attempts: attempt,
+                    };
+                    if self.stop.is_cancelled() {
+                        return failed(format!("{reason} (not retried: delivery is stopping)"));
+                    }
                     if attempt >= attempts {
                         // A name that never resolved is the destination's.
                         return Outcome::Failed {
                             status,
                             reason,
-                            body,
+                            body: body.clone(),
                             retryable: !unresolved,
                             destination: unresolved,
                             attempts: attempt,
@@ -201,7 +211,12 @@ impl Sender {
                         wait_ms = wait.as_millis() as u64,
                         "retrying"
                     );
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.cancelled() => {
+                            return failed(format!("{reason} (not retried: delivery is stopping)"));
+                        }
+                    }
                     attempt += 1;
                 }
             }
@@ -212,19 +227,23 @@ impl Sender {
         if let Some(limiter) = &self.inner.limiter {
             limiter.until_ready().await;
         }
-        let exchange = async {
-            let origin = self.origin(&request.url)?;
-            self.exchange(&origin, request).await
+        let sent = match self.origin(&request.url) {
+            Ok(origin) => origin.request(request, request.attempt_headers(chrono::Utc::now().timestamp())),
+            Err(reason) => Err(reason),
         };
-        let answer = match tokio::time::timeout(self.inner.timeout, exchange).await {
-            Err(_) => return retry_without_status("timed out waiting for the receiver".into()),
-            Ok(Err(Failure::Invalid(reason))) => return refused_without_status(reason, false, attempt),
-            Ok(Err(Failure::Destination(reason))) => return refused_without_status(reason, true, attempt),
-            Ok(Err(Failure::Transport(reason))) => return retry_without_status(reason),
-            Ok(Err(Failure::Unresolved(reason))) => {
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(reason) => return refused_without_status(reason, false, attempt),
+        };
+        let limits = Limits { timeout: self.inner.timeout, body_prefix: BODY_PREFIX };
+        let answer = match self.inner.transport.send(sent, limits).await {
+            Err(TransportError::Invalid(reason)) => return refused_without_status(reason, false, attempt),
+            Err(TransportError::Destination(reason)) => return refused_without_status(reason, true, attempt),
+            Err(TransportError::Failed(reason)) => return retry_without_status(reason),
+            Err(TransportError::Unresolved(reason)) => {
                 return Attempt::Retry { status: None, reason, body: String::new(), wait: None, unresolved: true };
             }
-            Ok(Ok(answer)) => answer,
+            Ok(answer) => answer,
         };
         let status = answer.status;
         let body = match answer.body {
@@ -241,13 +260,14 @@ impl Sender {
             }
             Err(_) => String::new(),
         };
+        let header = |name: http::HeaderName| answer.headers.get(name).and_then(|v| v.to_str().ok());
         let answered = Answer {
             status,
             method: request.method,
             single: request.single,
             per_record_url: request.per_record_url,
-            location: answer.location.as_deref(),
-            retry_after: answer.retry_after.as_deref(),
+            location: header(http::header::LOCATION),
+            retry_after: header(http::header::RETRY_AFTER),
         };
         let failed = |reason: String, destination: bool| Outcome::Failed {
             status: Some(status),
@@ -268,7 +288,7 @@ impl Sender {
     }
 
     /// The origin of `url`, created on first use.
-    fn origin(&self, url: &str) -> Result<Arc<Origin>, Failure> {
+    fn origin(&self, url: &str) -> Result<Arc<Origin>, String> {
         let mut origins = self.inner.origins.lock().expect("origins lock");
         let known = origins.iter().find(|o| {
             url.starts_with(&o.prefix) && matches!(url.as_bytes().get(o.prefix.len()), None | Some(b'/' | b'?' | b'#'))
@@ -276,123 +296,51 @@ impl Sender {
         if let Some(o) = known {
             return Ok(o.clone());
         }
-        let authority_start = url.find("://").map(|i| i + 3).ok_or_else(|| Failure::Invalid("bad URL".into()))?;
+        let authority_start = url.find("://").map(|i| i + 3).ok_or("bad URL")?;
         let end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
         let prefix = &url[..end];
-        let parsed = url::Url::parse(prefix).map_err(|e| Failure::Invalid(format!("bad URL: {e}")))?;
-        let host = parsed.host_str().ok_or_else(|| Failure::Invalid("the URL has no host".into()))?.to_string();
-        let port = parsed.port_or_known_default().ok_or_else(|| Failure::Invalid("the URL has no port".into()))?;
-        let host_header = match parsed.port() {
+        let parsed = url::Url::parse(prefix).map_err(|e| format!("bad URL: {e}"))?;
+        let host = parsed.host_str().ok_or("the URL has no host")?;
+        let authority = match parsed.port() {
             Some(p) => format!("{host}:{p}"),
-            None => host.clone(),
+            None => host.to_string(),
         };
-        let auth_line = (!parsed.username().is_empty() || parsed.password().is_some()).then(|| {
+        let auth = (!parsed.username().is_empty() || parsed.password().is_some()).then(|| {
             let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
             let user = decode(parsed.username());
             let password = decode(parsed.password().unwrap_or_default());
             use base64::Engine;
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            format!("authorization: Basic {token}\r\n").into_bytes()
+            let mut value = http::HeaderValue::try_from(format!("Basic {token}")).expect("base64 is a header value");
+            value.set_sensitive(true);
+            value
         });
         let origin = Arc::new(Origin {
             prefix: prefix.to_string(),
-            tls: parsed.scheme() == "https",
-            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
-            port,
-            host_line: format!("host: {host_header}\r\n").into_bytes(),
-            auth_line,
-            idle: Mutex::new(Vec::new()),
+            scheme: if parsed.scheme() == "https" { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP },
+            authority: authority.parse().map_err(|e| format!("bad URL: {e}"))?,
+            auth,
         });
         origins.push(origin.clone());
         Ok(origin)
     }
 
-    /// Sends `request` over an idle connection of `origin` or a new one and
-    /// reads the answer. The connection is kept for the next request unless
-    /// it was closed. A kept connection that turns out to have been closed
-    /// by the receiver before it answered is replaced by a new one, without
-    /// counting an attempt (as browsers and Go's client do; delivery is at
-    /// least once either way).
-    async fn exchange(&self, origin: &Origin, request: &HttpRequest) -> Result<http1::Answer, Failure> {
-        let bytes = origin.write(request, &request.attempt_headers(chrono::Utc::now().timestamp()));
-        loop {
-            let idle = origin.idle.lock().expect("idle lock").pop();
-            let (mut conn, reused) = match idle {
-                Some(conn) if conn.is_usable() => (conn, true),
-                Some(_) => continue,
-                None => (Box::pin(self.connect(origin)).await?, false),
-            };
-            match conn.exchange(&bytes, BODY_PREFIX).await {
-                Ok((answer, reusable)) => {
-                    if reusable {
-                        origin.idle.lock().expect("idle lock").push(conn);
-                    }
-                    return Ok(answer);
-                }
-                Err(http1::Error::Closed(_)) if reused => continue,
-                Err(http1::Error::Closed(reason) | http1::Error::Broken(reason)) => {
-                    return Err(Failure::Transport(format!("request failed: {reason}")));
-                }
-            }
+    /// Opens a connection to `url`'s origin as a request would (proxy and
+    /// TLS included), sends nothing, and describes it.
+    pub async fn reach(&self, url: &str) -> Result<String, String> {
+        let origin = self.origin(&url.replace(['{', '}'], ""))?;
+        let uri = http::Uri::builder()
+            .scheme(origin.scheme.clone())
+            .authority(origin.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("bad URL: {e}"))?;
+        let reach = self.inner.transport.reach(uri);
+        match tokio::time::timeout(self.inner.timeout, reach).await {
+            Ok(Ok(description)) => Ok(description),
+            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", origin.authority)),
+            Err(_) => Err(format!("no answer from {} within {:?}", origin.authority, self.inner.timeout)),
         }
-    }
-
-    /// Opens a connection (TCP, then TLS for `https`) within the connect
-    /// timeout.
-    async fn connect(&self, origin: &Origin) -> Result<http1::Connection, Failure> {
-        let connect = async {
-            // Resolved apart from connecting: a name that does not resolve
-            // fails every request alike.
-            let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((origin.host.as_str(), origin.port))
-                .await
-                .map_err(|e| Failure::Unresolved(format!("cannot resolve the receiver's host `{}`: {e}", origin.host)))?
-                .collect();
-            let tcp = tokio::net::TcpStream::connect(&addresses[..])
-                .await
-                .map_err(|e| Failure::Transport(format!("could not connect to the receiver: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            if !origin.tls {
-                return Ok(http1::Connection::new(http1::Stream::Plain(tcp)));
-            }
-            let tls = self.tls().map_err(Failure::Destination)?;
-            let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
-                .map_err(|_| Failure::Invalid(format!("`{}` is not a valid TLS server name", origin.host)))?;
-            let stream = tls.connect(name, tcp).await.map_err(|e| {
-                let reason = format!("TLS handshake failed: {}", error_chain(&e));
-                // Refused by TLS itself (a certificate, a protocol):
-                // every attempt would be; a broken connection may not.
-                if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                    Failure::Destination(reason)
-                } else {
-                    Failure::Transport(reason)
-                }
-            })?;
-            Ok(http1::Connection::new(http1::Stream::Tls(Box::new(stream))))
-        };
-        match tokio::time::timeout(self.inner.connect_timeout, connect).await {
-            Ok(result) => result,
-            Err(_) => Err(Failure::Transport("timed out connecting to the receiver".into())),
-        }
-    }
-
-    /// The TLS client set up on first use: the platform's trusted roots
-    /// (on Linux, also `SSL_CERT_FILE` / `SSL_CERT_DIR`), HTTP/1.1.
-    fn tls(&self) -> Result<tokio_rustls::TlsConnector, String> {
-        self.inner
-            .tls
-            .get_or_init(|| {
-                use rustls_platform_verifier::BuilderVerifierExt;
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .and_then(|b| b.with_platform_verifier())
-                    .map_err(|e| format!("cannot set up TLS: {e}"))?
-                    .with_no_client_auth();
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Ok(Arc::new(config))
-            })
-            .clone()
-            .map(tokio_rustls::TlsConnector::from)
     }
 
     /// Exponential backoff with full jitter between half and all of the step.
@@ -429,17 +377,6 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let wait = at.signed_duration_since(chrono::Utc::now());
     Some(wait.to_std().unwrap_or(Duration::ZERO))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The URL for logs: without its query string and without credentials

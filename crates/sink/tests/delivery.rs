@@ -34,7 +34,7 @@ fn ctx() -> MetaContext {
 fn deliver(c: &DestinationConfig, records: Vec<Record>) -> Vec<(Record, Outcome)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let destination = Destination::new(c, &Env::default()).unwrap();
-    let sender = Sender::new(c).unwrap();
+    let sender = Sender::new(c, &Env::default(), std::path::Path::new(".")).unwrap();
     runtime.block_on(async {
         let mut out = Vec::new();
         for batch in destination.batches(records, &ctx()) {

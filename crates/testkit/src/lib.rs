@@ -6,6 +6,7 @@
 
 pub mod faults;
 pub mod postgres;
+pub mod proxy;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -30,6 +31,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// The client's port: one per connection.
     pub peer_port: u16,
+    /// The protocol: `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
 }
 
 impl Received {
@@ -90,6 +93,13 @@ impl Receiver {
     /// it. Returns the receiver and that authority's certificate (PEM), which
     /// a client must trust to reach it ([`Receiver::https_url`]).
     pub fn start_tls() -> (Receiver, String) {
+        let (receiver, pki) = Receiver::start_tls_with(TlsOptions::default());
+        (receiver, pki.ca_pem)
+    }
+
+    /// Starts an HTTPS receiver as `options` say; returns it with the
+    /// authority that issued its certificate and a client certificate.
+    pub fn start_tls_with(options: TlsOptions) -> (Receiver, Pki) {
         let ca_params = {
             let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("no names");
             p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -100,25 +110,49 @@ impl Receiver {
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let mut leaf_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("names");
-        leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
-        leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        leaf_params.use_authority_key_identifier_extension = true;
-        let leaf_key = rcgen::KeyPair::generate().expect("server key");
-        let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("server certificate");
+        let issue = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
+            let mut params = rcgen::CertificateParams::new(names).expect("names");
+            params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+            params.extended_key_usages = vec![usage];
+            params.use_authority_key_identifier_extension = true;
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &issuer).expect("certificate");
+            (cert, key)
+        };
+        let (leaf, leaf_key) =
+            issue(vec!["localhost".to_string(), "127.0.0.1".to_string()], rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let (client, client_key) =
+            issue(vec!["backflow-client".to_string()], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
+            .expect("protocol versions");
+        let builder = if options.client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der().clone()).expect("CA root");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
             .with_single_cert(
                 vec![leaf.der().clone()],
                 rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
             )
             .expect("server TLS config");
+        config.alpn_protocols = options.alpn;
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-        (Receiver::serve(0, Some(acceptor)), ca.pem())
+        let pki = Pki {
+            ca_pem: ca.pem(),
+            client_cert_pem: client.pem(),
+            client_key_pem: client_key.serialize_pem(),
+            server_cert_pem: leaf.pem(),
+            server_key_pem: leaf_key.serialize_pem(),
+        };
+        (Receiver::serve(0, Some(acceptor)), pki)
     }
 
     fn serve(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
@@ -192,6 +226,38 @@ impl Receiver {
     }
 }
 
+/// How an HTTPS receiver is set up.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    /// Whether a client certificate issued by the receiver's authority is
+    /// required (mutual TLS).
+    pub client_auth: bool,
+    /// The protocols offered by ALPN (`h2`, `http/1.1`); a client offering
+    /// none of them is refused.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        TlsOptions { client_auth: false, alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()] }
+    }
+}
+
+/// The certificates of an HTTPS receiver's test authority, PEM.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// The authority's certificate, which clients must trust.
+    pub ca_pem: String,
+    /// A client certificate the authority issued…
+    pub client_cert_pem: String,
+    /// … and its private key.
+    pub client_key_pem: String,
+    /// The receiver's own certificate (for `localhost` and 127.0.0.1)…
+    pub server_cert_pem: String,
+    /// … and its private key.
+    pub server_key_pem: String,
+}
+
 /// The client's address, for plain and TLS connections.
 #[derive(Debug, Clone, Copy)]
 struct Peer(SocketAddr);
@@ -237,6 +303,7 @@ async fn handle(
     State(shared): State<Arc<Shared>>,
     axum::extract::ConnectInfo(Peer(peer)): axum::extract::ConnectInfo<Peer>,
     method: Method,
+    version: axum::http::Version,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -250,6 +317,7 @@ async fn handle(
             .collect(),
         body: body.to_vec(),
         peer_port: peer.port(),
+        version: format!("{version:?}"),
     };
     let reply = {
         let mut inner = shared.inner.lock().expect("lock");

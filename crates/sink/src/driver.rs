@@ -1,0 +1,235 @@
+//! The sink driver: keeps a destination's requests in flight, trips the
+//! circuit breaker, stops at a destination's refusal, and hands outcomes
+//! back in chunks for acknowledgement. It runs as one task owning every
+//! request's task; whatever way it stops (the queue drained, an early stop,
+//! [`Driver::cancel`], [`Driver::drain`]), every request task has ended
+//! before [`Driver::finish`] returns: nothing is left sending.
+
+use crate::request::{Batch, Destination};
+use crate::{MetaContext, Outcome, Sender};
+use backflow_core::Record;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Outcomes of delivered requests, in chunks.
+pub type Results = mpsc::UnboundedReceiver<Vec<(Record, Outcome)>>;
+
+/// What the driver sends and how.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Builds, splits and sends requests.
+    pub destination: Destination,
+    /// The destination's client.
+    pub sender: Sender,
+    /// Sync, mode and run id, for the metadata.
+    pub ctx: MetaContext,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Requests in a row that fail with retryable errors (after their
+    /// retries) before delivery stops early.
+    pub breaker: u32,
+}
+
+/// A running driver.
+/// Dropped without [`Driver::finish`] (its caller was dropped), it cancels
+/// the task, which then cancels every request.
+#[derive(Debug)]
+pub struct Driver {
+    task: tokio::task::JoinHandle<Option<String>>,
+    cancel: CancellationToken,
+    guard: tokio_util::sync::DropGuard,
+    drain: CancellationToken,
+}
+
+/// Requests handed back in a chunk at most, or after [`RESULT_INTERVAL`].
+const RESULT_CHUNK: usize = 1024;
+const RESULT_INTERVAL: Duration = Duration::from_millis(50);
+
+impl Driver {
+    /// Starts sending the batches that arrive on `queue` (in chunks), until
+    /// it closes and is drained; outcomes come back on the returned
+    /// [`Results`].
+    pub fn start(mut delivery: Delivery, queue: mpsc::Receiver<Vec<Batch>>) -> (Driver, Results) {
+        let (results_tx, results) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let drain = CancellationToken::new();
+        // Once draining, failed requests are not retried.
+        delivery.sender = delivery.sender.stopping_on(drain.clone());
+        let run = Run {
+            n: Arc::new(delivery),
+            queue,
+            results: results_tx,
+            cancel: cancel.clone(),
+            drain: drain.clone(),
+            in_flight: JoinSet::new(),
+            chunk: Vec::new(),
+        };
+        (Driver { task: tokio::spawn(run.run()), guard: cancel.clone().drop_guard(), cancel, drain }, results)
+    }
+
+    /// Stops at once: requests in flight are cancelled (their records stay
+    /// unconfirmed, as after a crash) and nothing more is sent.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Stops starting requests; those in flight end as they would (their
+    /// outcomes still come back).
+    pub fn drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Waits until every request task has ended; says why delivery stopped
+    /// early, if it did.
+    pub async fn finish(self) -> Option<String> {
+        let Driver { task, guard, .. } = self;
+        let stopped = task
+            .await
+            .unwrap_or_else(|e| Some(format!("stopped early: the sending task failed ({e}); the rest stays pending")));
+        // The task has ended: nothing is left to cancel.
+        guard.disarm();
+        stopped
+    }
+}
+
+/// The driver's task.
+struct Run {
+    n: Arc<Delivery>,
+    queue: mpsc::Receiver<Vec<Batch>>,
+    results: mpsc::UnboundedSender<Vec<(Record, Outcome)>>,
+    cancel: CancellationToken,
+    drain: CancellationToken,
+    in_flight: JoinSet<Vec<(Record, Outcome)>>,
+    chunk: Vec<(Record, Outcome)>,
+}
+
+impl Run {
+    /// Keeps `concurrency` batches in flight until the queue closes and is
+    /// drained, delivery stops early or is stopped; then ends every request
+    /// task (cancelled or awaited) before returning.
+    async fn run(mut self) -> Option<String> {
+        let cancel = self.cancel.clone();
+        let stopped = tokio::select! {
+            stopped = self.send() => stopped,
+            _ = cancel.cancelled() => Some("stopped: cancelled; the rest stays pending".to_string()),
+        };
+        // Cancelled (or stopped early): requests still in flight end here.
+        self.in_flight.shutdown().await;
+        if !self.chunk.is_empty() {
+            let _ = self.results.send(std::mem::take(&mut self.chunk));
+        }
+        stopped
+    }
+
+    async fn send(&mut self) -> Option<String> {
+        let n = self.n.clone();
+        let mut local: VecDeque<Batch> = VecDeque::new();
+        let mut open = true;
+        let mut down_streak = 0u32;
+        let mut last_flush = Instant::now();
+        // Why delivery stopped early; the requests in flight then end
+        // (without further retries) and their outcomes still count.
+        let mut stopped: Option<String> = None;
+        loop {
+            if self.drain.is_cancelled() && open {
+                open = false;
+                local.clear();
+                self.queue.close();
+            }
+            while open && local.len() < n.concurrency {
+                match self.queue.try_recv() {
+                    Ok(batches) => local.extend(batches),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            while !self.drain.is_cancelled() && self.in_flight.len() < n.concurrency {
+                let Some(batch) = local.pop_front() else { break };
+                let n = n.clone();
+                self.in_flight.spawn(async move { n.destination.send(&n.sender, batch, &n.ctx).await });
+            }
+            if self.in_flight.is_empty() {
+                self.flush();
+                if stopped.is_some() {
+                    return stopped;
+                }
+                if self.drain.is_cancelled() {
+                    return Some(
+                        "stopped early: Backflow was asked to stop; requests in flight finished, the rest stays pending"
+                            .to_string(),
+                    );
+                }
+                if !open && local.is_empty() {
+                    return None;
+                }
+                tokio::select! {
+                    batches = self.queue.recv() => match batches {
+                        Some(batches) => local.extend(batches),
+                        None => open = false,
+                    },
+                    _ = self.drain.cancelled() => {}
+                }
+                continue;
+            }
+            let done = tokio::select! {
+                done = self.in_flight.join_next() => done,
+                batches = self.queue.recv(), if open && local.is_empty() && self.in_flight.len() < n.concurrency => {
+                    match batches {
+                        Some(batches) => local.extend(batches),
+                        None => open = false,
+                    }
+                    None
+                }
+                _ = self.drain.cancelled(), if open => None,
+            };
+            if let Some(done) = done {
+                let done = match done {
+                    Ok(done) => done,
+                    Err(e) => {
+                        stopped.get_or_insert_with(|| {
+                            format!("stopped early: a request failed inside Backflow ({e}); the rest stays pending")
+                        });
+                        self.drain.cancel();
+                        continue;
+                    }
+                };
+                let refused = done.iter().find_map(|(_, o)| match o {
+                    Outcome::Failed { destination: true, reason, .. } => Some(reason.clone()),
+                    _ => None,
+                });
+                let all_down = done.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
+                down_streak = if all_down { down_streak + 1 } else { 0 };
+                self.chunk.extend(done);
+                if stopped.is_none() {
+                    if let Some(reason) = refused {
+                        stopped = Some(format!("stopped early: {reason}; the rest stays pending"));
+                    } else if down_streak >= n.breaker {
+                        stopped = Some(format!(
+                            "stopped early: {} requests in a row failed with retryable errors (the endpoint looks down); the rest stays pending",
+                            n.breaker
+                        ));
+                    }
+                    if stopped.is_some() {
+                        // Nothing more is started; those in flight end
+                        // without further retries.
+                        self.drain.cancel();
+                    }
+                }
+            }
+            if self.chunk.len() >= RESULT_CHUNK || (!self.chunk.is_empty() && last_flush.elapsed() >= RESULT_INTERVAL) {
+                self.flush();
+                last_flush = Instant::now();
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.chunk.is_empty() {
+            let _ = self.results.send(std::mem::take(&mut self.chunk));
+        }
+    }
+}
