@@ -213,7 +213,6 @@ impl HyperTransport {
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
             .pool_idle_timeout(config.idle_timeout)
             .http2_only(config.http2 == Http2::Always)
             .build(connector.clone());
