@@ -1,36 +1,24 @@
 //! Delivery decisions on scripted answers, through the in-memory transport:
 //! what each answer or failure costs in requests and what it leaves.
 
+mod support;
+
 use backflow_core::env::Env;
-use backflow_core::{Change, Mode, Op, Record};
 use backflow_sink::transport::{Scripted, TransportError};
-use backflow_sink::{Destination, DestinationConfig, MetaContext, Outcome, Sender};
+use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
 use serde_json::{Value, json};
 use std::sync::Arc;
+use support::{config_with, ctx, record};
 
 fn config(extra: Value) -> DestinationConfig {
-    let mut c = json!({"url": "https://api.example.com/hook", "retry": {"attempts": 3, "backoff": "1ms", "max_backoff": "5ms"}});
-    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    serde_json::from_value(c).unwrap()
-}
-
-fn record(id: u64) -> Record {
-    Record {
-        key_text: format!(r#"{{"id":{id}}}"#),
-        payload: format!(r#"{{"id":{id}}}"#),
-        route: Default::default(),
-        fingerprint: id,
-        change: Change::Added,
-        op: Op::Upsert,
-        row_num: id,
-        message_id: format!("m{id}"),
-    }
+    let retry = json!({"retry": {"attempts": 3, "backoff": "1ms", "max_backoff": "5ms"}});
+    config_with("https://api.example.com/hook", retry, extra)
 }
 
 /// Delivers records 1..=n in batches of `batch_size` through `transport`.
 fn deliver(transport: &Arc<Scripted>, batch_size: usize, n: u64) -> Vec<Outcome> {
     let c = config(json!({"batch_size": batch_size}));
-    let ctx = MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into() };
+    let ctx = ctx();
     let destination = Destination::new(&c, &Env::default()).unwrap();
     let sender = Sender::with_transport(&c, transport.clone());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -96,7 +84,7 @@ fn transport_failures_decide_like_answers() {
 fn requests_carry_the_url_credentials_as_basic_auth_unless_authorization_is_configured() {
     let t = Arc::new(Scripted::new(|_, _| Scripted::status(200, "")));
     let c = config(json!({"url": "https://user:p%40ss@api.example.com:8443/hook?x=1"}));
-    let ctx = MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into() };
+    let ctx = ctx();
     let destination = Destination::new(&c, &Env::default()).unwrap();
     let sender = Sender::with_transport(&c, t.clone());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -1,33 +1,17 @@
 //! Every retry and failure class against a scripted local receiver.
 
+mod support;
+
+use backflow_core::Record;
 use backflow_core::env::Env;
-use backflow_core::{Change, Mode, Op, Record};
-use backflow_sink::{Destination, DestinationConfig, MetaContext, Outcome, Sender};
+use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
 use backflow_testkit::{Receiver, Reply};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
+use support::{config_with, ctx, record};
 
 fn config(url: &str, extra: Value) -> DestinationConfig {
-    let mut c = json!({"url": url, "retry": {"attempts": 4, "backoff": "10ms", "max_backoff": "200ms"}});
-    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    serde_json::from_value(c).unwrap()
-}
-
-fn record(id: u64) -> Record {
-    Record {
-        key_text: format!(r#"{{"id":{id}}}"#),
-        payload: format!(r#"{{"id":{id}}}"#),
-        route: Default::default(),
-        fingerprint: id,
-        change: Change::Added,
-        op: Op::Upsert,
-        row_num: id,
-        message_id: format!("m{id}"),
-    }
-}
-
-fn ctx() -> MetaContext {
-    MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into() }
+    config_with(url, json!({"retry": {"attempts": 4, "backoff": "10ms", "max_backoff": "200ms"}}), extra)
 }
 
 /// Delivers `records` through a destination configured by `c`.

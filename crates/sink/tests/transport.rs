@@ -4,9 +4,10 @@
 //! framed by a TLS close. Each delivery is checked at the receiver: the
 //! body, and its `X-Signature` recomputed here.
 
+mod support;
+
 use backflow_core::env::Env;
-use backflow_core::{Change, Mode, Op, Record};
-use backflow_sink::{Destination, DestinationConfig, MetaContext, Outcome, Sender};
+use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
 use backflow_testkit::proxy::Proxy;
 use backflow_testkit::{Received, Receiver, TlsOptions};
 use hmac::{KeyInit, Mac};
@@ -14,34 +15,16 @@ use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use support::{config_with, ctx, record};
 
 const SECRET: &str = "transport-test-secret";
 
 fn config(url: &str, extra: Value) -> DestinationConfig {
-    let mut c = json!({
-        "url": url,
+    let base = json!({
         "retry": {"attempts": 2, "backoff": "10ms", "max_backoff": "50ms"},
         "signing": {"scheme": "hmac-sha1", "secret": SECRET},
     });
-    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    serde_json::from_value(c).unwrap()
-}
-
-fn record(id: u64) -> Record {
-    Record {
-        key_text: format!(r#"{{"id":{id}}}"#),
-        payload: format!(r#"{{"id":{id},"name":"n{id}"}}"#),
-        route: Default::default(),
-        fingerprint: id,
-        change: Change::Added,
-        op: Op::Upsert,
-        row_num: id,
-        message_id: format!("m{id}"),
-    }
-}
-
-fn ctx() -> MetaContext {
-    MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into() }
+    config_with(url, base, extra)
 }
 
 /// Delivers records 1..=n through a destination configured by `c`, with
