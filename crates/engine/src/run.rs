@@ -347,20 +347,12 @@ impl Engine {
 
     /// The sync's destination as validation checked it.
     fn destination(&self, sync: &Sync) -> Result<Destination, EngineError> {
-        self.checked
-            .destinations
-            .get(&sync.name)
-            .cloned()
-            .ok_or_else(|| config_error(&sync.name, "destination: not checked (the project was not validated)".into()))
+        checked(&self.checked.destinations, sync)
     }
 
     /// The sync's sender as validation set it up.
     fn sender(&self, sync: &Sync) -> Result<Sender, EngineError> {
-        self.checked
-            .senders
-            .get(&sync.name)
-            .cloned()
-            .ok_or_else(|| config_error(&sync.name, "destination: not checked (the project was not validated)".into()))
+        checked(&self.checked.senders, sync)
     }
 
     /// Runs `name` once: stage, diff, deliver, commit acks as they come.
@@ -709,6 +701,13 @@ const SEND_CHUNK: usize = 64;
 /// … or requests carrying this many records (large batches cross a few at
 /// a time, so little waits in memory).
 const SEND_CHUNK_RECORDS: usize = 4096;
+
+/// What validation made of `sync`'s settings, from one of its maps.
+fn checked<T: Clone>(made: &std::collections::HashMap<String, T>, sync: &Sync) -> Result<T, EngineError> {
+    made.get(&sync.name)
+        .cloned()
+        .ok_or_else(|| config_error(&sync.name, "destination: not checked (the project was not validated)".into()))
+}
 
 fn config_error(sync: &str, message: String) -> EngineError {
     EngineError::Config(crate::ConfigErrors(vec![crate::ConfigError { place: format!("sync {sync}"), message }]))
