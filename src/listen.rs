@@ -80,7 +80,7 @@ async fn handle(
         say!("── #{n} {method} {target}");
         for (name, value) in &headers {
             let value = value.to_str().unwrap_or("<binary>");
-            if is_secret_header(name.as_str()) {
+            if backflow_core::env::is_credential_header(name.as_str()) {
                 say!("   {name}: <redacted, {} chars>", value.len());
             } else {
                 say!("   {name}: {value}");
@@ -96,11 +96,4 @@ async fn handle(
         }
     }
     (r.status, "ok\n")
-}
-
-/// Headers that usually carry credentials; their values are never printed.
-fn is_secret_header(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    name == "cookie"
-        || ["auth", "token", "secret", "key", "password"].iter().any(|w| name.contains(w) && name != "idempotency-key")
 }

@@ -53,8 +53,17 @@ struct Cli {
     /// More log output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines on stderr as text or as JSON objects (one per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -68,15 +77,27 @@ enum Command {
         /// Treat every current row as added (as `run --full` would).
         #[arg(long)]
         full: bool,
+        /// Also show, for changed records, the fields that change (old →
+        /// new), and for removals what goes away.
+        #[arg(long)]
+        diff: bool,
+        /// Records shown by `--diff`.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
     /// Reach a sync's warehouse (its query, no rows read) and destination (a TCP connection; nothing sent).
     Check {
-        /// The syncs (all when none).
+        /// The syncs (all when none): names, globs or `tag:NAME`.
         syncs: Vec<String>,
+        /// Also send one real request built from the first row of the
+        /// query (metadata marked `"test": true`), and print it and the
+        /// answer. Nothing is committed.
+        #[arg(long)]
+        send_test: bool,
     },
     /// Run syncs once.
     Run {
-        /// Syncs to run, in order.
+        /// Syncs to run, in order: names, globs (`crm_*`) or `tag:NAME`.
         syncs: Vec<String>,
         /// Run every sync.
         #[arg(long, conflicts_with = "syncs")]
@@ -90,8 +111,22 @@ enum Command {
         /// The sync.
         sync: String,
     },
-    /// Run every sync that has a `schedule`, when it comes due, until Ctrl-C.
-    Serve,
+    /// Run scheduled syncs when they come due (side by side, up to
+    /// `serve.max_concurrent_runs`), with a status page, /metrics, health
+    /// checks and triggers on `serve.listen`, until SIGTERM or Ctrl-C.
+    Serve {
+        /// Address of the endpoint (over `serve.listen`), e.g. `127.0.0.1:9464`.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Run every sync that is due once (side by side), then exit: for
+        /// cron and Kubernetes CronJobs.
+        #[arg(long)]
+        once: bool,
+        /// Serve only these syncs: names, globs (`crm_*`) or `tag:NAME`
+        /// (repeat or separate with commas).
+        #[arg(long, value_delimiter = ',')]
+        select: Vec<String>,
+    },
     /// Show recent runs.
     History {
         /// Syncs to show (all when none).
@@ -131,22 +166,40 @@ enum Command {
     },
     /// Run every example sync against a local receiver and show what arrived.
     Demo,
+    /// Print the JSON Schema (draft 2020-12) of backflow.yaml or of sync
+    /// files, for editors (`# yaml-language-server: $schema=…`).
+    Schema {
+        /// Which file's schema.
+        #[arg(value_enum)]
+        file: SchemaFile,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemaFile {
+    /// backflow.yaml
+    Project,
+    /// syncs/*.yaml
+    Sync,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // sqlx logs each statement it runs, which may hold the expanded
     // values of `${VAR}` references in a query: it logs warnings only.
-    let filter = match cli.verbose {
-        0 => "warn",
-        1 => "info,sqlx=warn",
+    // A service logs what it does; a command says it on stdout.
+    let service = matches!(cli.command, Command::Serve { .. });
+    let filter = match (cli.verbose, service) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info,sqlx=warn",
         _ => "debug,sqlx=warn",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BACKFLOW_LOG").unwrap_or_else(|_| filter.into()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKFLOW_LOG").unwrap_or_else(|_| filter.into());
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -203,15 +256,18 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
             out.validated(&engine);
             Ok(OK)
         }
-        Command::Plan { sync, full } => {
+        Command::Plan { sync, full, diff, limit } => {
             let engine = load(cli, env.clone())?;
             let progress = output::TerminalProgress::new(cli.json);
-            let plan = engine.plan(sync, *full, &progress)?;
+            let plan = engine.plan_with_diff(sync, *full, if *diff { (*limit).max(1) } else { 0 }, &progress)?;
             out.plan(&plan);
             Ok(OK)
         }
-        Command::Check { syncs } => {
+        Command::Check { syncs, send_test } => {
             let engine = load(cli, env.clone())?;
+            if *send_test && syncs.is_empty() {
+                anyhow::bail!("--send-test sends a real request: name the sync(s) to test");
+            }
             let names =
                 if syncs.is_empty() { selected(&engine, syncs, true)? } else { selected(&engine, syncs, false)? };
             let mut code = OK;
@@ -221,6 +277,13 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
                     code = FATAL;
                 }
                 out.check(&report);
+                if *send_test && report.ok() {
+                    let sent = engine.send_test(&name).await?;
+                    if !sent.delivered {
+                        code = FATAL;
+                    }
+                    out.test_send(&sent);
+                }
             }
             Ok(code)
         }
@@ -242,10 +305,10 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
                 _ = stop => unreachable!("exits"),
             }
         }
-        Command::Serve => {
-            let engine = load(cli, env.clone())?;
-            let progress = output::TerminalProgress::new(true);
-            let mut failed = false;
+        Command::Serve { listen, once, select } => {
+            let options = backflow_engine::ServeOptions { listen: *listen, once: *once, select: select.clone() };
+            let service = backflow_engine::Service::start(&cli.project, env.clone(), options).await?;
+            let redact = env.clone();
             let mut report = |name: &str, result: Result<&backflow_engine::RunReport, &EngineError>| match result {
                 Ok(r) => {
                     out.run(r);
@@ -254,25 +317,53 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
                     }
                 }
                 Err(e) => {
-                    failed = true;
-                    eprintln!("error: {}", sync_error(&engine, name, e));
+                    let message = redact.redact(&e.to_string());
+                    if out.json {
+                        say!("{}", serde_json::json!({"sync": name, "error": message}));
+                    }
                 }
             };
-            eprintln!(
-                "serving {} scheduled sync(s); Ctrl-C to stop",
-                engine.project.syncs.iter().filter(|s| s.spec.schedule.is_some()).count()
-            );
-            // The first signal drains the run in flight; a second quits at once.
-            let force = async {
-                stop_signal().await;
-                stop_signal().await;
-                std::process::exit(130);
-            };
-            tokio::select! {
-                served = engine.serve(&progress, &mut report, stop_signal()) => served?,
-                _ = force => unreachable!("exits"),
+            if let Some(address) = service.address() {
+                tracing::info!("status page, /metrics, /healthz and /readyz on http://{address}");
             }
-            Ok(if failed { INCOMPLETE } else { OK })
+            // SIGHUP re-reads the project; the first SIGTERM/Ctrl-C drains,
+            // a second quits at once.
+            let signals = {
+                let service = service.clone();
+                async move {
+                    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+                    let reloads = async {
+                        while let Some(h) = hangup.as_mut() {
+                            if h.recv().await.is_none() {
+                                break;
+                            }
+                            let _ = service.reload();
+                        }
+                        std::future::pending::<()>().await
+                    };
+                    let stops = async {
+                        stop_signal().await;
+                        tracing::info!("stopping: no new runs; the runs in flight drain (again to quit at once)");
+                        service.shutdown();
+                        stop_signal().await;
+                        std::process::exit(130);
+                    };
+                    tokio::join!(reloads, stops);
+                }
+            };
+            let served = tokio::select! {
+                served = service.serve(&mut report) => served?,
+                _ = signals => unreachable!("exits"),
+            };
+            Ok(if !*once {
+                OK
+            } else if served.failed {
+                FATAL
+            } else if served.partial {
+                INCOMPLETE
+            } else {
+                OK
+            })
         }
         Command::Reset { sync } => {
             let engine = load(cli, env.clone())?;
@@ -316,6 +407,14 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
             Ok(OK)
         }
         Command::Demo => demo(cli, env, &out).await,
+        Command::Schema { file } => {
+            let schema = match file {
+                SchemaFile::Project => backflow_engine::config::project_schema(),
+                SchemaFile::Sync => backflow_engine::config::sync_schema(),
+            };
+            say!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(OK)
+        }
     }
 }
 
@@ -324,12 +423,9 @@ fn selected(engine: &Engine, syncs: &[String], all: bool) -> anyhow::Result<Vec<
         return Ok(engine.project.syncs.iter().map(|s| s.name.clone()).collect());
     }
     if syncs.is_empty() {
-        anyhow::bail!("name the syncs to run, or pass --all");
+        anyhow::bail!("name the syncs to run (names, globs such as `crm_*`, or `tag:NAME`), or pass --all");
     }
-    for s in syncs {
-        engine.project.sync(s)?;
-    }
-    Ok(syncs.to_vec())
+    Ok(engine.project.select(syncs)?)
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -75,6 +75,21 @@ impl Output {
         for (i, sample) in plan.samples.iter().enumerate() {
             say!("  sample {}: {}", i + 1, sample);
         }
+        if !plan.diff.is_empty() {
+            say!("  changes, field by field (first {}):", plan.diff.len());
+        }
+        for d in &plan.diff {
+            match d.change {
+                backflow_core::Change::Removed => say!("  - {} ({}): would remove", d.key, d.op),
+                _ => say!("  ~ {} ({})", d.key, d.op),
+            }
+            for f in &d.fields {
+                match d.change {
+                    backflow_core::Change::Removed => say!("      {}: {}", f.field, f.old),
+                    _ => say!("      {}: {} → {}", f.field, f.old, f.new),
+                }
+            }
+        }
     }
 
     pub fn run(&self, r: &RunReport) {
@@ -158,6 +173,28 @@ impl Output {
         }
     }
 
+    pub fn test_send(&self, t: &backflow_engine::TestSend) {
+        if self.json {
+            say!("{}", serde_json::to_string(t).unwrap_or_default());
+            return;
+        }
+        say!("{}: test request ({}; nothing committed)", t.sync, t.op);
+        say!("  {}", t.request);
+        for (name, value) in &t.headers {
+            say!("  {name}: {value}");
+        }
+        if !t.body.is_empty() {
+            say!("");
+            say!("  {}", t.body);
+        }
+        let status = t.status.map_or("no answer".to_string(), |s| s.to_string());
+        if t.delivered {
+            say!("{}: answer {status}: delivered", t.sync);
+        } else {
+            say!("{}: answer {status}: NOT delivered: {}", t.sync, t.answer);
+        }
+    }
+
     pub fn reset(&self, sync: &str, n: u64) {
         if self.json {
             say!("{}", serde_json::json!({"sync": sync, "forgotten_keys": n}));
@@ -193,29 +230,62 @@ impl Output {
                 continue;
             }
             say!("{}:", h.sync);
+            let mut table = comfy_table::Table::new();
+            table.load_style(comfy_table::presets::UTF8_HORIZONTAL_ONLY).set_header([
+                "started (UTC)",
+                "status",
+                "duration",
+                "rows",
+                "added",
+                "changed",
+                "removed",
+                "delivered",
+                "rejected",
+                "pending",
+                "run id",
+            ]);
+            for column in 2..10 {
+                if let Some(c) = table.column_mut(column) {
+                    c.set_cell_alignment(comfy_table::CellAlignment::Right);
+                }
+            }
+            let mut notes = Vec::new();
             for run in &h.runs {
-                say!(
-                    "  {}  {:<9} {}{}  {}",
-                    run.started_at,
-                    run.status,
-                    run.run_id,
-                    if run.full { " (full)" } else { "" },
-                    run.counts
-                );
+                let e = backflow_engine::service::RunEntry::recorded(run);
+                let started = run.started_at.replace('T', " ");
+                let started = started.split('.').next().unwrap_or(&started).trim_end_matches('Z').to_string();
+                table.add_row([
+                    started,
+                    if run.full { format!("{} (full)", run.status) } else { run.status.clone() },
+                    e.seconds.map_or("-".into(), |s| format!("{s:.1}s")),
+                    e.rows.to_string(),
+                    e.added.to_string(),
+                    e.changed.to_string(),
+                    e.removed.to_string(),
+                    e.delivered.to_string(),
+                    e.rejected.to_string(),
+                    e.pending.to_string(),
+                    run.run_id.clone(),
+                ]);
                 if let Some(m) = &run.message {
-                    say!("    {m}");
+                    notes.push(format!("  {}: {m}", run.run_id));
                 }
                 if rejections {
                     for f in engine.rejections(&h.sync, &run.run_id)? {
-                        say!(
-                            "    failed {} {} [{}] {}",
+                        notes.push(format!(
+                            "  {}: failed {} {} [{}] {}",
+                            run.run_id,
                             f.op,
                             f.key,
                             f.status.map_or("-".into(), |s| s.to_string()),
                             f.reason
-                        );
+                        ));
                     }
                 }
+            }
+            say!("{table}");
+            for note in notes {
+                say!("{note}");
             }
         }
         Ok(())

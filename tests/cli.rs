@@ -349,7 +349,7 @@ fn check_reaches_both_ends_and_names_what_fails() {
 fn serve_runs_scheduled_syncs_when_due() {
     let p = Project::new(&format!("{}schedule: {{every: 300ms}}\n", sync("append", "")));
     p.sql("insert into items values (1, 'a', 1)");
-    let mut serve = p.spawn(&["serve"]);
+    let mut serve = p.spawn(&["serve", "--listen", "127.0.0.1:0"]);
     p.receiver.wait_for(1, Duration::from_secs(30));
     p.sql("update items set score = 2");
     p.receiver.wait_for(2, Duration::from_secs(30));
@@ -424,4 +424,57 @@ fn https_receivers_are_reached_when_their_certificate_is_trusted_and_only_then()
     assert_eq!(requests.len(), 11);
     let ports: std::collections::HashSet<u16> = requests[1..].iter().map(|r| r.peer_port).collect();
     assert_eq!(ports.len(), 1, "one connection for the ten requests of the second run");
+}
+
+#[test]
+fn check_send_test_sends_one_real_signed_request_and_commits_nothing() {
+    let extra = "  signing: {scheme: hmac-sha1, secret: \"${BF_TEST_SIGNING}\"}\n  headers: {Authorization: \"Bearer ${BF_TEST_SIGNING}\"}\n";
+    let p = Project::new(&sync("upsert", extra));
+    p.sql("insert into items values (1, 'a', 1), (2, 'b', 2)");
+    let out = finish(p.cmd(&["check", "s", "--send-test"]).env("BF_TEST_SIGNING", "s3cret-value").output().unwrap());
+    assert_eq!(out.code, 0, "{}", out.all());
+    let requests = p.receiver.requests();
+    assert_eq!(requests.len(), 1, "one request");
+    let sent = &requests[0];
+    let signature = backflow_sink::signing::hmac_sha1_hex(b"s3cret-value", &sent.body);
+    assert_eq!(sent.header("x-signature"), Some(signature.as_str()), "signed as a run signs");
+    assert_eq!(sent.header("authorization"), Some("Bearer s3cret-value"));
+    let body = sent.json();
+    assert_eq!((body["id"].clone(), body["_meta"]["test"].clone()), (serde_json::json!(1), serde_json::json!(true)));
+    assert_eq!(body["_meta"]["op"], "upsert");
+    assert!(out.stdout.contains("answer 200: delivered"), "{}", out.stdout);
+    assert!(out.stdout.contains("authorization: <redacted>"), "{}", out.stdout);
+    assert!(!out.all().contains("s3cret-value"), "{}", out.all());
+    // Nothing committed: the next run sends both rows, and is the first run.
+    let history = finish(p.cmd(&["history"]).env("BF_TEST_SIGNING", "s3cret-value").output().unwrap());
+    assert!(history.stdout.contains("never run"), "{}", history.all());
+    let run = finish(p.cmd(&["run", "s"]).env("BF_TEST_SIGNING", "s3cret-value").output().unwrap());
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(p.receiver.requests().len(), 3);
+    // Without the flag, check sends nothing.
+    let check = finish(p.cmd(&["check", "s"]).env("BF_TEST_SIGNING", "s3cret-value").output().unwrap());
+    assert_eq!(check.code, 0, "{}", check.all());
+    assert_eq!(p.receiver.requests().len(), 3);
+}
+
+#[test]
+fn plan_diff_shows_the_fields_that_change_and_what_a_mirror_removes() {
+    let p = Project::new(&sync("mirror", ""));
+    p.sql("insert into items values (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)");
+    assert_eq!(p.backflow(&["run", "s"]).code, 0);
+    p.sql("update items set name = 'A', score = 10 where id = 1; delete from items where id = 3");
+    let out = p.backflow(&["plan", "s", "--diff"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("~ {\"id\":1}"), "{}", out.stdout);
+    assert!(out.stdout.contains("name: \"a\" → \"A\""), "{}", out.stdout);
+    assert!(out.stdout.contains("score: 1 → 10"), "{}", out.stdout);
+    assert!(!out.stdout.contains("id: 1 → 1"), "unchanged fields are not shown: {}", out.stdout);
+    assert!(out.stdout.contains("- {\"id\":3} (delete): would remove"), "{}", out.stdout);
+    assert!(out.stdout.contains("name: \"c\""), "{}", out.stdout);
+    let json = p.backflow(&["--json", "plan", "s", "--diff"]);
+    let plan: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(plan["diff"].as_array().unwrap().len(), 2);
+    let changed = plan["diff"].as_array().unwrap().iter().find(|d| d["change"] == "changed").unwrap();
+    assert_eq!(changed["fields"][0], serde_json::json!({"field": "name", "old": "a", "new": "A"}));
+    assert!(p.backflow(&["plan", "s"]).stdout.contains("removed 1"), "nothing committed");
 }

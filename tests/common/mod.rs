@@ -142,3 +142,143 @@ pub fn run_example(project: &Path, sync: &str, receiver: &Receiver) -> Ran {
             .unwrap(),
     )
 }
+
+/// A running `backflow serve`, its output collected as it comes.
+pub struct Serving {
+    pub child: Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead;
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let mut t = sink.lock().unwrap();
+            t.push_str(&line);
+            t.push('\n');
+        }
+    });
+    text
+}
+
+impl Serving {
+    /// Starts `backflow serve` in `project` with `args`, its endpoint on a
+    /// free port.
+    pub fn start(project: &Project, args: &[&str]) -> Serving {
+        Serving::start_with(project.cmd(&["serve", "--listen", "127.0.0.1:0"]), args)
+    }
+
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Serving {
+        let mut child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Serving { child, stdout, stderr }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits until the log says `text` (panics after `timeout`).
+    pub fn wait_log(&self, text: &str, timeout: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(std::time::Instant::now() < deadline, "`{text}` not logged within {timeout:?}:\n{log}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The endpoint's address, once it listens.
+    pub fn addr(&self) -> String {
+        let log = self.wait_log(" on http://", std::time::Duration::from_secs(60));
+        let at = log.find(" on http://").unwrap() + " on http://".len();
+        log[at..].split_whitespace().next().unwrap().to_string()
+    }
+
+    /// Sends `signal` (e.g. `-TERM`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits for the exit code (panics after `timeout`).
+    pub fn wait(&mut self, timeout: std::time::Duration) -> i32 {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the readers take the last lines.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                return status.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "serve did not exit within {timeout:?}:\n{}", self.stderr());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 exchange with a server on loopback: (status, headers, body).
+pub fn http(method: &str, addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let mut parsed = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut parsed);
+    let httparse::Status::Complete(head) = response.parse(&raw).unwrap() else { panic!("a partial answer") };
+    let status = response.code.unwrap();
+    let mut head_text = String::new();
+    let mut chunked = false;
+    for h in response.headers.iter() {
+        let value = String::from_utf8_lossy(h.value);
+        chunked |= h.name.eq_ignore_ascii_case("transfer-encoding") && value.contains("chunked");
+        head_text.push_str(&format!("{}: {value}\n", h.name.to_ascii_lowercase()));
+    }
+    let mut body = raw[head..].to_vec();
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 4 + size..];
+        }
+        body = out;
+    }
+    (status, head_text, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// GET `path`, waiting while the server is not up yet.
+pub fn get(addr: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http("GET", addr, path, &[]);
+    (status, body)
+}

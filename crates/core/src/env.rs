@@ -146,6 +146,15 @@ fn reference_len(text: &str) -> usize {
     if valid { close + 1 } else { 0 }
 }
 
+/// Whether a header usually carries credentials (its value is never
+/// printed): `Authorization`, `Cookie`, and names with `auth`, `token`,
+/// `secret`, `key` or `password` (but `Idempotency-Key`).
+pub fn is_credential_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name == "cookie"
+        || ["auth", "token", "secret", "key", "password"].iter().any(|w| name.contains(w) && name != "idempotency-key")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

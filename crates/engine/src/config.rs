@@ -15,6 +15,21 @@ use std::str::FromStr;
 /// The project file's name, in the project directory.
 pub const PROJECT_FILE: &str = "backflow.yaml";
 
+/// The JSON Schema (draft 2020-12) of `backflow.yaml`, from these types and
+/// their doc comments: editors validate and complete the file with it.
+pub fn project_schema() -> Value {
+    let mut schema = schemars::schema_for!(ProjectFile);
+    schema.insert("title".into(), "Backflow project file (backflow.yaml)".into());
+    schema.to_value()
+}
+
+/// The JSON Schema (draft 2020-12) of a sync file (`syncs/*.yaml`).
+pub fn sync_schema() -> Value {
+    let mut schema = schemars::schema_for!(SyncFile);
+    schema.insert("title".into(), "Backflow sync file (syncs/*.yaml)".into());
+    schema.to_value()
+}
+
 /// `backflow.yaml`: named warehouses and where state lives.
 ///
 /// ```yaml
@@ -26,7 +41,7 @@ pub const PROJECT_FILE: &str = "backflow.yaml";
 ///   dir: .backflow/state
 ///   memory_limit: 1GB
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectFile {
     /// Warehouses by name; syncs refer to them with `warehouse:`.
@@ -37,10 +52,206 @@ pub struct ProjectFile {
     /// Folder of sync files, relative to the project (default `syncs`).
     #[serde(default = "syncs_dir")]
     pub syncs_dir: String,
+    /// How `backflow serve` runs.
+    #[serde(default)]
+    pub serve: ServeConfig,
+    /// Webhooks told when a sync served by `serve` fails, ends partial, is
+    /// degraded (see a sync's `degraded_when`) or recovers: once per change.
+    #[serde(default)]
+    pub alerts: Vec<NotifyConfig>,
+    /// Webhooks told when runs of `serve` start and end (`run.started`,
+    /// `run.completed`, `run.failed`), for orchestrators.
+    #[serde(default)]
+    pub events: Vec<NotifyConfig>,
+}
+
+/// A webhook for alerts or run events.
+///
+/// ```yaml
+/// alerts:
+///   - url: https://hooks.slack.com/services/${SLACK_WEBHOOK_PATH}
+///     format: slack
+///   - url: https://ops.example.com/backflow
+///     signing: {scheme: hmac-sha1, secret: "${ALERT_SECRET}"}
+///     syncs: [tag:crm]
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Where to POST; may reference `${VAR}`.
+    pub url: String,
+    /// `backflow` (default: Backflow's JSON) or `slack` (a Slack-compatible
+    /// incoming-webhook body, `{"text": …}`).
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// Extra headers, e.g. `Authorization: Bearer ${OPS_TOKEN}`.
+    #[serde(default)]
+    pub headers: IndexMap<String, String>,
+    /// Signs each message as deliveries are signed.
+    #[serde(default)]
+    pub signing: Option<backflow_sink::SigningConfig>,
+    /// Only about these syncs: names, globs (`crm_*`) or `tag:NAME`; all
+    /// when empty.
+    #[serde(default)]
+    pub syncs: Vec<String>,
+}
+
+/// The body of alert and event messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    /// Backflow's JSON (`{"type": "alert", "event": "sync.failed", …}`).
+    #[default]
+    Backflow,
+    /// `{"text": "…"}`, as Slack, Mattermost and Teams incoming webhooks read.
+    Slack,
+}
+
+/// When a run that delivered is still reported as degraded (alerts). Each
+/// threshold is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DegradedWhen {
+    /// More than this share of the records sent were rejected (e.g. `0.05`).
+    #[serde(default)]
+    pub rejected_share_above: Option<f64>,
+    /// The run took longer than this (e.g. `20m`).
+    #[serde(default)]
+    pub duration_above: Option<Duration>,
+    /// Fewer rows were read than this (e.g. `1`: an empty result where rows
+    /// were expected).
+    #[serde(default)]
+    pub rows_below: Option<u64>,
+    /// More records than this were left pending.
+    #[serde(default)]
+    pub pending_above: Option<u64>,
+}
+
+/// An alert or event webhook as checked.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    /// Its place in `backflow.yaml` (`alerts[0]`).
+    pub place: String,
+    /// The body format.
+    pub format: NotifyFormat,
+    /// Where and how messages go.
+    pub destination: Destination,
+    /// Sends them (retrying like deliveries).
+    pub sender: backflow_sink::Sender,
+    /// The syncs it is about (None: all).
+    pub syncs: Option<Vec<String>>,
+}
+
+/// `serve:`: the scheduler and its HTTP endpoint.
+///
+/// ```yaml
+/// serve:
+///   listen: 127.0.0.1:9464
+///   max_concurrent_runs: 2
+///   drain_timeout: 30s
+///   trigger_token: ${BACKFLOW_TRIGGER_TOKEN}
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address of the status page, `/metrics`, `/healthz`, `/readyz` and
+    /// triggers (default `127.0.0.1:9464`; `serve --listen` overrides it).
+    #[serde(default = "serve_listen")]
+    pub listen: String,
+    /// Runs in flight at once, across syncs (default 2). Never two runs of
+    /// one sync.
+    #[serde(default = "max_concurrent_runs")]
+    pub max_concurrent_runs: usize,
+    /// After SIGTERM or Ctrl-C, how long runs in flight may finish their
+    /// requests before those are cancelled (default `30s`).
+    #[serde(default = "drain_timeout")]
+    pub drain_timeout: Duration,
+    /// After a failed run, wait at least this long before the sync's next
+    /// attempt, doubled for each further failure in a row (default `1m`).
+    #[serde(default = "failure_backoff")]
+    pub failure_backoff: Duration,
+    /// The longest wait after failures (default `1h`).
+    #[serde(default = "max_failure_backoff")]
+    pub max_failure_backoff: Duration,
+    /// Bearer token that allows `POST /syncs/{name}/runs`, e.g.
+    /// `${BACKFLOW_TRIGGER_TOKEN}`. Without it, triggers are off.
+    #[serde(default)]
+    pub trigger_token: Option<String>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: serve_listen(),
+            max_concurrent_runs: max_concurrent_runs(),
+            drain_timeout: drain_timeout(),
+            failure_backoff: failure_backoff(),
+            max_failure_backoff: max_failure_backoff(),
+            trigger_token: None,
+        }
+    }
+}
+
+fn serve_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn max_concurrent_runs() -> usize {
+    2
+}
+fn drain_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+fn failure_backoff() -> Duration {
+    Duration(std::time::Duration::from_secs(60))
+}
+fn max_failure_backoff() -> Duration {
+    Duration(std::time::Duration::from_secs(3600))
+}
+
+/// `serve:` as checked.
+#[derive(Clone)]
+pub struct ServeSettings {
+    /// Where the endpoint listens.
+    pub listen: std::net::SocketAddr,
+    /// Runs at once.
+    pub max_concurrent_runs: usize,
+    /// How long a drain may take.
+    pub drain_timeout: std::time::Duration,
+    /// First wait after a failure.
+    pub failure_backoff: std::time::Duration,
+    /// Longest wait after failures.
+    pub max_failure_backoff: std::time::Duration,
+    /// The trigger token, expanded (never printed).
+    pub trigger_token: Option<String>,
+}
+
+impl fmt::Debug for ServeSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServeSettings")
+            .field("listen", &self.listen)
+            .field("max_concurrent_runs", &self.max_concurrent_runs)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("trigger_token", &self.trigger_token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        let c = ServeConfig::default();
+        ServeSettings {
+            listen: c.listen.parse().expect("the default address"),
+            max_concurrent_runs: c.max_concurrent_runs,
+            drain_timeout: c.drain_timeout.get(),
+            failure_backoff: c.failure_backoff.get(),
+            max_failure_backoff: c.max_failure_backoff.get(),
+            trigger_token: None,
+        }
+    }
 }
 
 /// The embedded state store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// Folder for the per-sync state files (default `.backflow/state`).
@@ -68,7 +279,7 @@ fn memory_limit() -> String {
 }
 
 /// One sync file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncFile {
     /// The sync's name (letters, digits, `_`, `-`); defaults to the file name.
@@ -99,10 +310,16 @@ pub struct SyncFile {
     /// When `backflow serve` runs the sync.
     #[serde(default)]
     pub schedule: Option<Schedule>,
+    /// Labels to select syncs by (`run tag:crm`, `serve --select tag:crm`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// When `serve` alerts that a run which delivered is degraded.
+    #[serde(default)]
+    pub degraded_when: Option<DegradedWhen>,
 }
 
 /// One column or several.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum PrimaryKey {
     /// A single column.
@@ -122,7 +339,7 @@ impl PrimaryKey {
 }
 
 /// Rows with NULL or duplicate keys.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InvalidKeyPolicy {
     /// Stop before sending anything.
@@ -133,7 +350,7 @@ pub enum InvalidKeyPolicy {
 }
 
 /// A schedule: a cron expression or a fixed interval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
     /// Five-field cron expression, e.g. `*/15 * * * *`.
@@ -195,6 +412,12 @@ pub struct Checked {
     /// Each sync's sender: its HTTP client set up (proxy, TLS files read),
     /// its connections kept from one run to the next.
     pub senders: std::collections::HashMap<String, backflow_sink::Sender>,
+    /// `serve:` settings.
+    pub serve: ServeSettings,
+    /// `alerts:` webhooks.
+    pub alerts: Vec<Notifier>,
+    /// `events:` webhooks.
+    pub events: Vec<Notifier>,
 }
 
 /// A loaded project.
@@ -309,11 +532,19 @@ impl Project {
                 ),
             });
         }
+        checked.serve = self.validate_serve(env, &mut errors);
+        checked.alerts = self.notifiers("alerts", &self.file.alerts, env, &mut errors);
+        checked.events = self.notifiers("events", &self.file.events, env, &mut errors);
         for (i, sync) in self.syncs.iter().enumerate() {
             let place = format!("{} (sync {})", self.shown(&sync.file), sync.name);
             let mut err = |message: String| errors.push(ConfigError { place: place.clone(), message });
             if sync.name.is_empty() || !sync.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 err(format!("name: `{}` must use only letters, digits, `_` and `-` (e.g. `crm_contacts`)", sync.name));
+            }
+            for tag in &sync.spec.tags {
+                if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    err(format!("tags: `{tag}` must use only letters, digits, `_` and `-` (e.g. `crm`)"));
+                }
             }
             if let Some(other) = self.syncs[..i].iter().find(|s| s.name == sync.name) {
                 err(format!(
@@ -399,6 +630,152 @@ impl Project {
             }
         }
         if errors.is_empty() { Ok(checked) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// Checks `serve:`.
+    fn validate_serve(&self, env: &Env, errors: &mut Vec<ConfigError>) -> ServeSettings {
+        let c = &self.file.serve;
+        let mut settings = ServeSettings::default();
+        let mut err = |message: String| errors.push(ConfigError { place: PROJECT_FILE.to_string(), message });
+        match c.listen.parse() {
+            Ok(addr) => settings.listen = addr,
+            Err(_) => {
+                err(format!("serve.listen: `{}` is not an address; write IP:PORT, e.g. `127.0.0.1:9464`", c.listen))
+            }
+        }
+        if c.max_concurrent_runs == 0 || c.max_concurrent_runs > 64 {
+            err("serve.max_concurrent_runs: must be between 1 and 64 (e.g. `2`)".into());
+        }
+        settings.max_concurrent_runs = c.max_concurrent_runs;
+        settings.drain_timeout = c.drain_timeout.get();
+        settings.failure_backoff = c.failure_backoff.get();
+        settings.max_failure_backoff = c.max_failure_backoff.get().max(c.failure_backoff.get());
+        if let Some(token) = &c.trigger_token {
+            match env.expand(token) {
+                Ok(t) if t.trim().chars().count() < 16 => {
+                    err("serve.trigger_token: is shorter than 16 characters; set it to a long random secret \
+                     (e.g. `openssl rand -hex 24`) in a variable: `${BACKFLOW_TRIGGER_TOKEN}`"
+                        .into())
+                }
+                Ok(t) => settings.trigger_token = Some(t),
+                Err(e) => err(format!("serve.trigger_token: {e}")),
+            }
+        }
+        settings
+    }
+
+    /// Checks `alerts:` or `events:` and sets up their senders (a few
+    /// retries, 10 s timeout).
+    fn notifiers(&self, field: &str, list: &[NotifyConfig], env: &Env, errors: &mut Vec<ConfigError>) -> Vec<Notifier> {
+        let mut out = Vec::new();
+        for (i, n) in list.iter().enumerate() {
+            let place = format!("{field}[{i}]");
+            let mut err =
+                |message: String| errors.push(ConfigError { place: format!("{PROJECT_FILE} ({place})"), message });
+            let config: DestinationConfig = match serde_json::from_value(serde_json::json!({
+                "url": n.url,
+                "headers": n.headers,
+                "signing": n.signing,
+                "timeout": "10s",
+                "retry": {"attempts": 3, "backoff": "1s"},
+            })) {
+                Ok(c) => c,
+                Err(e) => {
+                    err(e.to_string());
+                    continue;
+                }
+            };
+            if config.url.contains('{') && !config.url.contains("${") {
+                err("url: must not hold `{column}` placeholders (a message is not a record)".into());
+                continue;
+            }
+            let destination = Destination::new(&config, env);
+            let sender = backflow_sink::Sender::new(&config, env, &self.dir);
+            let syncs = if n.syncs.is_empty() {
+                None
+            } else {
+                match self.select(&n.syncs) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        err(format!("syncs: {e}"));
+                        continue;
+                    }
+                }
+            };
+            match (destination, sender) {
+                (Ok(destination), Ok(sender)) => {
+                    out.push(Notifier { place, format: n.format, destination, sender, syncs })
+                }
+                (Err(e), _) | (_, Err(e)) => err(e.to_string()),
+            }
+        }
+        out
+    }
+
+    /// The syncs that `patterns` select: a name, a glob over names
+    /// (`crm_*`) or `tag:NAME`. Each pattern must match; the syncs come in
+    /// the patterns' order (those of one pattern in project order), each
+    /// once.
+    pub fn select(&self, patterns: &[String]) -> Result<Vec<String>, ConfigErrors> {
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut errors = Vec::new();
+        for pattern in patterns {
+            let hits: Vec<usize> = if let Some(tag) = pattern.strip_prefix("tag:") {
+                self.syncs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.spec.tags.iter().any(|t| t == tag))
+                    .map(|(i, _)| i)
+                    .collect()
+            } else if pattern.contains(['*', '?', '[']) {
+                match globset::Glob::new(pattern) {
+                    Ok(glob) => {
+                        let glob = glob.compile_matcher();
+                        self.syncs.iter().enumerate().filter(|(_, s)| glob.is_match(&s.name)).map(|(i, _)| i).collect()
+                    }
+                    Err(e) => {
+                        errors.push(ConfigError {
+                            place: format!("--select {pattern}"),
+                            message: format!("not a glob ({e}); write e.g. `crm_*`"),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                match self.sync(pattern) {
+                    Ok(_) => self.syncs.iter().position(|s| &s.name == pattern).into_iter().collect(),
+                    Err(e) => {
+                        errors.extend(e.0);
+                        continue;
+                    }
+                }
+            };
+            if hits.is_empty() {
+                let tags: std::collections::BTreeSet<&str> =
+                    self.syncs.iter().flat_map(|s| s.spec.tags.iter().map(String::as_str)).collect();
+                errors.push(ConfigError {
+                    place: format!("--select {pattern}"),
+                    message: format!(
+                        "matches no sync (syncs: {}; tags: {})",
+                        self.syncs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+                        if tags.is_empty() {
+                            "none".to_string()
+                        } else {
+                            tags.into_iter().collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                });
+            }
+            for i in hits {
+                if !chosen.contains(&i) {
+                    chosen.push(i);
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(chosen.into_iter().map(|i| self.syncs[i].name.clone()).collect())
     }
 
     /// Whether `sync` reads an embedded warehouse (DuckDB), which needs no

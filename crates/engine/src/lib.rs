@@ -6,11 +6,12 @@
 pub mod config;
 mod in_warehouse;
 mod run;
-mod serve;
+pub mod service;
 mod stage;
 
 pub use config::{Checked, ConfigError, ConfigErrors, Project, Sync};
-pub use run::{CheckReport, InvalidKeyReport, Plan, RunReport};
+pub use run::{CheckReport, FieldChange, InvalidKeyReport, Plan, RecordDiff, RunReport, TestSend};
+pub use service::{ServeOptions, Service};
 
 use backflow_core::env::Env;
 use backflow_diff::{DiffError, KeyRecord, RunRecord, StateStore};
@@ -79,6 +80,17 @@ pub struct Engine {
     checked: config::Checked,
     /// Fired by [`Engine::stop`]: runs in flight drain.
     stopping: tokio_util::sync::CancellationToken,
+    /// Fired by [`Engine::abort`]: runs in flight cancel their requests.
+    aborting: tokio_util::sync::CancellationToken,
+    /// Told about the requests of every run (metrics).
+    observer: Option<std::sync::Arc<dyn Observe>>,
+}
+
+/// Watches what runs do, for metrics: it hands each run's sender an
+/// observer of its requests.
+pub trait Observe: Send + std::marker::Sync {
+    /// The observer of `sync`'s requests.
+    fn requests(&self, sync: &str) -> std::sync::Arc<dyn backflow_sink::Observer>;
 }
 
 /// A sync's recent runs, or why they cannot be read.
@@ -97,7 +109,35 @@ impl Engine {
     pub fn load(dir: &Path, env: Env) -> Result<Engine, EngineError> {
         let project = Project::load(dir, &env)?;
         let checked = project.validate(&env)?;
-        Ok(Engine { project, env, checked, stopping: Default::default() })
+        Ok(Engine { project, env, checked, stopping: Default::default(), aborting: Default::default(), observer: None })
+    }
+
+    /// This engine, stopping (see [`Engine::stop`] and [`Engine::abort`])
+    /// when the given tokens fire: engines reloaded by a service share its
+    /// tokens.
+    pub fn stopping_on(
+        mut self,
+        stop: tokio_util::sync::CancellationToken,
+        abort: tokio_util::sync::CancellationToken,
+    ) -> Engine {
+        self.stopping = stop;
+        self.aborting = abort;
+        self
+    }
+
+    /// This engine, telling `observer` about the requests of every run.
+    pub fn observed_by(mut self, observer: std::sync::Arc<dyn Observe>) -> Engine {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Ends runs in flight at once: their requests are cancelled (those
+    /// records stay unconfirmed and are sent again, with the same ids, by
+    /// the next run), acknowledgements received are committed, and the run
+    /// ends `partial`. For a drain that took too long.
+    pub fn abort(&self) {
+        self.stopping.cancel();
+        self.aborting.cancel();
     }
 
     /// Stops delivery gracefully: runs in flight start no more requests,

@@ -100,6 +100,65 @@ pub struct Plan {
     /// The first few request bodies, exactly as they would be sent (the run
     /// id is a placeholder).
     pub samples: Vec<Value>,
+    /// With `plan --diff`: the first changed and removed records, field by
+    /// field (old → new; for removals, what goes away).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub diff: Vec<RecordDiff>,
+}
+
+/// How one record differs from what was delivered.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordDiff {
+    /// The record's key.
+    pub key: Value,
+    /// `changed` or `removed`.
+    pub change: backflow_core::Change,
+    /// What the receiver is told.
+    pub op: Op,
+    /// The fields that differ (dotted paths for nested objects); for a
+    /// removal, every field delivered, with `new` null.
+    pub fields: Vec<FieldChange>,
+}
+
+/// One field's old and new value.
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldChange {
+    /// The field (`address.city` for nested objects).
+    pub field: String,
+    /// As last delivered (null: absent).
+    pub old: Value,
+    /// As it would be sent (null: absent).
+    pub new: Value,
+}
+
+/// `value`'s leaves by dotted path (arrays are leaves).
+fn leaves(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                leaves(&path, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// The fields whose values differ between `old` and `new`.
+fn field_changes(old: &Value, new: &Value) -> Vec<FieldChange> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    leaves("", old, &mut a);
+    leaves("", new, &mut b);
+    let fields: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    fields
+        .into_iter()
+        .filter_map(|f| {
+            let (o, n) = (a.get(f).cloned().unwrap_or(Value::Null), b.get(f).cloned().unwrap_or(Value::Null));
+            (o != n).then(|| FieldChange { field: f.clone(), old: o, new: n })
+        })
+        .collect()
 }
 
 /// How a run went.
@@ -128,9 +187,13 @@ pub struct RunReport {
     /// Records refused by the receiver (record-level statuses such as 400,
     /// 413 or 422).
     pub rejected: u64,
+    /// The same, per op.
+    pub rejected_ops: BTreeMap<Op, u64>,
     /// Records not delivered that may succeed later (retryable failures,
     /// and records not attempted after the run stopped early).
     pub pending: u64,
+    /// The same, per op.
+    pub pending_ops: BTreeMap<Op, u64>,
     /// Why the run stopped before the end of the outbox, if it did.
     pub stopped_early: Option<String>,
     /// The first few failures, with reasons.
@@ -175,12 +238,28 @@ impl Engine {
         plan: bool,
         progress: &dyn Progress,
     ) -> Result<Prepared<'a>, EngineError> {
+        self.prepare_rows(name, full, plan, false, progress)
+    }
+
+    /// [`Engine::prepare`], of the query's first row only when `first_row`.
+    fn prepare_rows<'a>(
+        &'a self,
+        name: &str,
+        full: bool,
+        plan: bool,
+        first_row: bool,
+        progress: &dyn Progress,
+    ) -> Result<Prepared<'a>, EngineError> {
         let sync = self.project.sync(name)?;
         let mut store = self.store(name)?;
         if plan {
             store.keep_outbox_in_memory();
         }
-        let query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
+        let mut query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
+        if first_row {
+            let text = query.trim().trim_end_matches(';');
+            query = format!("select * from (\n{text}\n) as backflow_first_row limit 1");
+        }
         let route_columns = self.destination(sync)?.route_columns();
         let mapping = sync.mapping(&self.env);
         let mapping_text = json!({
@@ -299,9 +378,21 @@ impl Engine {
 
     /// What a run of `name` would send. Sends nothing, commits nothing.
     pub fn plan(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<Plan, EngineError> {
+        self.plan_with_diff(name, full, 0, progress)
+    }
+
+    /// [`Engine::plan`], with the first `diff` changed or removed records
+    /// compared field by field with what was delivered.
+    pub fn plan_with_diff(
+        &self,
+        name: &str,
+        full: bool,
+        diff: usize,
+        progress: &dyn Progress,
+    ) -> Result<Plan, EngineError> {
         let p = self.prepare(name, full, true, progress)?;
         let destination = self.destination(p.sync)?;
-        let ctx = MetaContext { sync: name.to_string(), mode: p.sync.spec.mode, run_id: "(plan)".into() };
+        let ctx = MetaContext { sync: name.to_string(), mode: p.sync.spec.mode, run_id: "(plan)".into(), test: false };
         let ops = p.store.outbox_ops()?.into_iter().collect();
         let samples = p
             .store
@@ -318,6 +409,7 @@ impl Engine {
                 Err(reason) => json!({"error": self.env.redact(&reason)}),
             })
             .collect();
+        let diff = if diff > 0 { self.record_diffs(&p, diff)? } else { Vec::new() };
         Ok(Plan {
             sync: name.to_string(),
             mode: p.sync.spec.mode,
@@ -328,7 +420,45 @@ impl Engine {
             invalid_keys: p.invalid,
             mapping_changed: p.mapping_changed,
             samples,
+            diff,
         })
+    }
+
+    /// The first `limit` changed or removed records of a prepared plan,
+    /// against the payloads last delivered (values of `${VAR}` written back
+    /// as references).
+    fn record_diffs(&self, p: &Prepared<'_>, limit: usize) -> Result<Vec<RecordDiff>, EngineError> {
+        let redact = |v: Value| serde_json::from_str(&self.env.redact(&v.to_string())).unwrap_or(Value::Null);
+        let mut out = Vec::new();
+        let mut after = 0;
+        while out.len() < limit {
+            let page = p.store.outbox_page(after, PAGE_FIRST)?;
+            let Some(last) = page.last() else { break };
+            after = last.row_num;
+            for row in page {
+                if row.change == backflow_core::Change::Added {
+                    continue;
+                }
+                let old = p.store.lookup(&row.key)?.delivered.map_or(Value::Null, |d| d.payload);
+                let fields = match row.change {
+                    backflow_core::Change::Removed => field_changes(&old, &Value::Null),
+                    _ => field_changes(&old, &serde_json::from_str(&row.payload).unwrap_or(Value::Null)),
+                };
+                out.push(RecordDiff {
+                    key: serde_json::from_str(&row.key).unwrap_or(Value::String(row.key.clone())),
+                    change: row.change,
+                    op: row.op,
+                    fields: fields
+                        .into_iter()
+                        .map(|f| FieldChange { field: f.field, old: redact(f.old), new: redact(f.new) })
+                        .collect(),
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The sync's warehouse settings, their `${VAR}` references resolved.
@@ -357,6 +487,30 @@ impl Engine {
 
     /// Runs `name` once: stage, diff, deliver, commit acks as they come.
     pub async fn run(&self, name: &str, full: bool, progress: &dyn Progress) -> Result<RunReport, EngineError> {
+        self.run_as(name, full, &uuid::Uuid::now_v7().to_string(), progress).await
+    }
+
+    /// [`Engine::run`] with the run id given (a service answers a trigger
+    /// with the id before the run starts).
+    pub async fn run_as(
+        &self,
+        name: &str,
+        full: bool,
+        run_id: &str,
+        progress: &dyn Progress,
+    ) -> Result<RunReport, EngineError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("run", sync = %name, run_id = %run_id);
+        self.run_in_span(name, full, run_id, progress).instrument(span).await
+    }
+
+    async fn run_in_span(
+        &self,
+        name: &str,
+        full: bool,
+        run_id: &str,
+        progress: &dyn Progress,
+    ) -> Result<RunReport, EngineError> {
         let started = Instant::now();
         let started_at = now();
         let p = match self.prepare(name, full, false, progress) {
@@ -368,8 +522,11 @@ impl Engine {
         };
         let spec = &p.sync.spec;
         let destination = self.destination(p.sync)?;
-        let sender = self.sender(p.sync)?;
-        let run_id = uuid::Uuid::now_v7().to_string();
+        let sender = match &self.observer {
+            Some(observer) => self.sender(p.sync)?.observed_by(observer.requests(name)),
+            None => self.sender(p.sync)?,
+        };
+        let run_id = run_id.to_string();
         let mut record_run = RunRecord {
             run_id: run_id.clone(),
             sync: name.to_string(),
@@ -391,7 +548,8 @@ impl Engine {
         // delivered; the outbox goes to disk now, as part of preparing the
         // run, rather than with the first commit that fills the log.
         p.store.begin_delivery(&run_id)?;
-        let ctx = MetaContext { sync: name.to_string(), mode: spec.mode, run_id: run_id.clone() };
+        let to_send: BTreeMap<Op, u64> = p.store.outbox_ops()?.into_iter().collect();
+        let ctx = MetaContext { sync: name.to_string(), mode: spec.mode, run_id: run_id.clone(), test: false };
         let mut report = RunReport {
             sync: name.to_string(),
             run_id: run_id.clone(),
@@ -404,7 +562,9 @@ impl Engine {
             mapping_changed: p.mapping_changed,
             delivered: BTreeMap::new(),
             rejected: 0,
+            rejected_ops: BTreeMap::new(),
             pending: 0,
+            pending_ops: BTreeMap::new(),
             stopped_early: None,
             failures: vec![],
             seconds: 0.0,
@@ -415,6 +575,13 @@ impl Engine {
         report.send_seconds = sending.elapsed().as_secs_f64();
         let delivered = report.delivered_total();
         report.pending = p.counts.to_send - delivered - report.rejected;
+        for (op, n) in to_send {
+            let done =
+                report.delivered.get(&op).copied().unwrap_or(0) + report.rejected_ops.get(&op).copied().unwrap_or(0);
+            if n > done {
+                report.pending_ops.insert(op, n - done);
+            }
+        }
         report.status = if report.complete() { "succeeded" } else { "partial" }.into();
         report.seconds = started.elapsed().as_secs_f64();
         record_run.ended_at = Some(now());
@@ -521,6 +688,7 @@ impl Engine {
         };
         let mut pages = Some(pages);
         let mut draining = false;
+        let mut aborted = false;
         let mut after = 0;
         let mut acks: Vec<u64> = Vec::new();
         let mut failures: Vec<Rejection> = Vec::new();
@@ -542,6 +710,15 @@ impl Engine {
                 // Acks waiting are committed on time even while no result comes.
                 let commit_at = last_commit.map_or_else(tokio::time::Instant::now, |at| (at + ACK_INTERVAL).into());
                 tokio::select! {
+                    _ = self.aborting.cancelled(), if !aborted => {
+                        // Stopping at once: requests in flight are cancelled
+                        // (unconfirmed, as after a crash), the rest stays
+                        // pending; what was acknowledged is committed.
+                        driver.cancel();
+                        aborted = true;
+                        draining = true;
+                        close = true;
+                    }
                     _ = self.stopping.cancelled(), if !draining => {
                         // Stopping: requests in flight end, the rest stays pending.
                         driver.drain();
@@ -603,6 +780,10 @@ impl Engine {
         drop(pages);
         let encoded = encoder.join();
         report.stopped_early = driver.finish().await;
+        if aborted {
+            report.stopped_early =
+                Some("stopped: the drain time ran out; requests in flight were cancelled and stay pending".into());
+        }
         if encoded.is_err() && report.stopped_early.is_none() {
             report.stopped_early = Some("stopped early: the encoding thread failed; the rest stays pending".into());
         }
@@ -681,6 +862,7 @@ fn settle(
         Outcome::Failed { status, reason, body, retryable, attempts, .. } => {
             if !retryable {
                 report.rejected += 1;
+                *report.rejected_ops.entry(record.op).or_insert(0) += 1;
             }
             let reason = if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
             failures.push(Rejection {
@@ -729,6 +911,91 @@ fn record(sync: &str, row: OutboxRow) -> Record {
         op: row.op,
         row_num: row.row_num,
     }
+}
+
+/// What `check --send-test` sent, and the answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestSend {
+    /// The sync.
+    pub sync: String,
+    /// The op of the record sent.
+    pub op: Op,
+    /// The request line: method and URL (credentials and query removed).
+    pub request: String,
+    /// The headers sent (credential headers redacted).
+    pub headers: Vec<(String, String)>,
+    /// The body sent (`${VAR}` values written back as references).
+    pub body: String,
+    /// Whether the receiver acknowledged it (a 2xx).
+    pub delivered: bool,
+    /// The answer's status, if one came.
+    pub status: Option<u16>,
+    /// Why it failed, or the start of the answer's body.
+    pub answer: String,
+}
+
+impl Engine {
+    /// Builds one real request from the first row of `name`'s query, as a
+    /// run would (mapping, metadata with `"test": true`, signature,
+    /// headers), and sends it. Nothing is committed: the snapshot and the
+    /// run log stay as they were.
+    pub async fn send_test(&self, name: &str) -> Result<TestSend, EngineError> {
+        let (request, op) = {
+            let p = self.prepare_rows(name, true, true, true, &crate::NoProgress)?;
+            let destination = self.destination(p.sync)?;
+            let ctx = MetaContext {
+                sync: name.to_string(),
+                mode: p.sync.spec.mode,
+                run_id: format!("test-{}", uuid::Uuid::now_v7()),
+                test: true,
+            };
+            let row = p.store.outbox_page(0, 1)?.into_iter().next().ok_or_else(|| {
+                EngineError::Usage(format!("sync `{name}`: the query returned no row to build a test request from"))
+            })?;
+            let record = record(name, row);
+            let op = record.op;
+            let mut request = destination.request(&[record], &ctx).map_err(|reason| EngineError::Sink {
+                sync: name.to_string(),
+                source: backflow_sink::SinkError::Client(self.env.redact(&reason)),
+            })?;
+            request.headers.insert("backflow-test", http_value("true"));
+            (request, op)
+        };
+        let sender = self.sender(self.project.sync(name)?)?;
+        let outcome = sender.send(&request).await;
+        let headers = request
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                let shown = if v.is_sensitive() || backflow_core::env::is_credential_header(n.as_str()) {
+                    "<redacted>".to_string()
+                } else {
+                    self.env.redact(&String::from_utf8_lossy(v.as_bytes()))
+                };
+                (n.as_str().to_string(), shown)
+            })
+            .collect();
+        let (delivered, status, answer) = match outcome {
+            Outcome::Delivered { status, .. } => (true, Some(status), String::new()),
+            Outcome::Failed { status, reason, body, .. } => {
+                (false, status, self.env.redact(&if body.is_empty() { reason } else { format!("{reason}: {body}") }))
+            }
+        };
+        Ok(TestSend {
+            sync: name.to_string(),
+            op,
+            request: format!("{} {}", request.method.as_str(), self.env.redact(&redact_url(&request.url))),
+            headers,
+            body: self.env.redact(&String::from_utf8_lossy(&request.body)),
+            delivered,
+            status,
+            answer,
+        })
+    }
+}
+
+fn http_value(text: &'static str) -> http::HeaderValue {
+    http::HeaderValue::from_static(text)
 }
 
 /// What `check` found: whether the warehouse answers the query with the

@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub use crate::transport::{Http2, Proxy, TransportConfig};
 
 /// Where and how records are sent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// The endpoint, `http://` or `https://`. May reference `${VAR}`, hold a
@@ -104,7 +104,7 @@ pub struct DestinationConfig {
 
 /// TLS settings. Paths are relative to the project directory and may
 /// reference `${VAR}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// A PEM file of certificate authorities trusted besides the system's
@@ -181,7 +181,7 @@ impl DestinationConfig {
 }
 
 /// A per-change override of method and URL.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// The method for this change.
@@ -193,7 +193,7 @@ pub struct RouteConfig {
 }
 
 /// The HTTP method of requests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Method {
     /// `GET`: one record per request, payload flattened into the query.
@@ -223,7 +223,7 @@ impl Method {
 }
 
 /// How request bodies are encoded on the wire.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// As they are.
@@ -234,7 +234,7 @@ pub enum Compression {
 }
 
 /// Request signing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
     /// `hmac-sha1` or `standard-webhooks`.
@@ -245,7 +245,7 @@ pub struct SigningConfig {
 }
 
 /// Supported signature schemes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SigningScheme {
     /// `X-Signature`: lowercase hex HMAC-SHA1 of the exact body bytes (for
@@ -258,7 +258,7 @@ pub enum SigningScheme {
 
 /// Retry policy for retryable failures (connection errors, timeouts, 408,
 /// 425, 429, 500, 502, 503, 504).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts in all, the first included (default 5).
@@ -311,6 +311,21 @@ impl<'de> Deserialize<'de> for RateLimit {
             )));
         }
         Ok(RateLimit { requests, per: std::time::Duration::from_secs(per) })
+    }
+}
+
+impl schemars::JsonSchema for RateLimit {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RateLimit".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Requests per period: `50/s`, `600/m` or `3600/h`.",
+            "pattern": "^\\s*[0-9]+\\s*/\\s*[smh]\\s*$",
+            "examples": ["50/s", "600/m"]
+        })
     }
 }
 

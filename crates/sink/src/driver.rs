@@ -68,7 +68,15 @@ impl Driver {
             in_flight: JoinSet::new(),
             chunk: Vec::new(),
         };
-        (Driver { task: tokio::spawn(run.run()), guard: cancel.clone().drop_guard(), cancel, drain }, results)
+        (
+            Driver {
+                task: tokio::spawn(tracing::Instrument::in_current_span(run.run())),
+                guard: cancel.clone().drop_guard(),
+                cancel,
+                drain,
+            },
+            results,
+        )
     }
 
     /// Stops at once: requests in flight are cancelled (their records stay
@@ -150,7 +158,9 @@ impl Run {
             while !self.drain.is_cancelled() && self.in_flight.len() < n.concurrency {
                 let Some(batch) = local.pop_front() else { break };
                 let n = n.clone();
-                self.in_flight.spawn(async move { n.destination.send(&n.sender, batch, &n.ctx).await });
+                self.in_flight.spawn(tracing::Instrument::in_current_span(async move {
+                    n.destination.send(&n.sender, batch, &n.ctx).await
+                }));
             }
             if self.in_flight.is_empty() {
                 self.flush();

@@ -16,6 +16,8 @@ pub struct MetaContext {
     pub mode: Mode,
     /// The run's id.
     pub run_id: String,
+    /// A test request (`check --send-test`): the metadata says `"test": true`.
+    pub test: bool,
 }
 
 /// Writes record envelopes: the payload with its metadata object under the
@@ -36,10 +38,11 @@ impl Encoder {
         Encoder {
             meta_open: meta_key.map(|key| format!("{}:{{\"op\":\"", text(key))),
             run_part: format!(
-                "\",\"sync\":{},\"mode\":\"{}\",\"run_id\":{},\"row_num\":",
+                "\",\"sync\":{},\"mode\":\"{}\",\"run_id\":{},{}\"row_num\":",
                 text(&ctx.sync),
                 ctx.mode.as_str(),
-                text(&ctx.run_id)
+                text(&ctx.run_id),
+                if ctx.test { "\"test\":true," } else { "" }
             ),
         }
     }
@@ -117,7 +120,7 @@ mod tests {
     }
 
     fn ctx() -> MetaContext {
-        MetaContext { sync: "crm".into(), mode: Mode::Mirror, run_id: "r".into() }
+        MetaContext { sync: "crm".into(), mode: Mode::Mirror, run_id: "r".into(), test: false }
     }
 
     #[test]
@@ -135,7 +138,7 @@ mod tests {
 
     #[test]
     fn an_empty_payload_and_odd_names_stay_valid_json() {
-        let odd = MetaContext { sync: "a\"b\\c".into(), mode: Mode::Upsert, run_id: "r\n1".into() };
+        let odd = MetaContext { sync: "a\"b\\c".into(), mode: Mode::Upsert, run_id: "r\n1".into(), test: false };
         let encoder = Encoder::new(&odd, Some("meta \"x\""));
         let value = encoder.value(&record("{}"));
         assert_eq!(value["meta \"x\""]["sync"], "a\"b\\c");

@@ -26,7 +26,7 @@ pub use decision::Decision;
 pub use driver::{Delivery, Driver};
 pub use encode::MetaContext;
 pub use request::{Batch, Destination, HttpRequest};
-pub use send::{Outcome, Sender};
+pub use send::{Observer, Outcome, Sender};
 pub use transport::{HyperTransport, Transport};
 
 /// Why a destination could not be set up.

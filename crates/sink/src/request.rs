@@ -358,6 +358,40 @@ impl Destination {
         Ok(request)
     }
 
+    /// A JSON message that is not records (an alert, a lifecycle event),
+    /// sent with the destination's method, headers and signature to its
+    /// URL (which must hold no `{column}` placeholders). `id` names it for
+    /// Standard Webhooks signatures.
+    pub fn message(&self, id: &str, body: Vec<u8>) -> Result<HttpRequest, String> {
+        let route = &self.routes[0];
+        let url = route.url.render(&serde_json::Map::new(), &[])?;
+        let mut headers = self.headers.clone();
+        if !headers.contains_key(http::header::CONTENT_TYPE) {
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        let mut request = HttpRequest {
+            method: route.method,
+            target: origin_form(&url)?,
+            url,
+            headers,
+            body: bytes::Bytes::from(body),
+            timed: None,
+            single: true,
+            per_record_url: false,
+        };
+        match &self.signer {
+            Some(Signer::HmacSha1(secret)) => {
+                let signature = signing::hmac_sha1_hex(secret, request.signed_bytes());
+                request.headers.append(X_SIGNATURE, text_value(signature));
+            }
+            Some(Signer::StandardWebhooks(key)) => {
+                request.timed = Some(TimedSignature { key: key.clone(), id: id.to_string() });
+            }
+            None => {}
+        }
+        Ok(request)
+    }
+
     /// Sends `records` as one request; when a batch is refused with a
     /// permanent status it is split in halves, recursively, so the bad
     /// records are isolated and the rest delivered.
@@ -515,7 +549,7 @@ mod tests {
     }
 
     fn ctx() -> MetaContext {
-        MetaContext { sync: "s".into(), mode: Mode::Mirror, run_id: "r".into() }
+        MetaContext { sync: "s".into(), mode: Mode::Mirror, run_id: "r".into(), test: false }
     }
 
     #[test]

@@ -61,12 +61,30 @@ type Limiter = governor::DefaultDirectRateLimiter;
 
 /// Sends requests through the destination's transport, within its rate
 /// limit. Clones share the connections.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Sender {
     inner: Arc<Inner>,
     /// Once cancelled, failed requests are not retried (delivery is
     /// stopping: they stay pending).
     stop: tokio_util::sync::CancellationToken,
+    /// Told how each attempt ended (metrics).
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+/// Watches the requests a [`Sender`] sends, e.g. to count them by status.
+/// It is called once per attempt, after the answer's head and body prefix
+/// arrived (or the attempt failed without an answer), from the task that
+/// sent it: it must be cheap and must not block.
+pub trait Observer: Send + Sync {
+    /// An attempt ended: the answer's status (`None`: no answer, e.g. a
+    /// refused connection or a timeout) after `elapsed`.
+    fn answered(&self, status: Option<u16>, elapsed: Duration);
 }
 
 #[derive(Debug)]
@@ -165,12 +183,18 @@ impl Sender {
                 origins: Mutex::new(Vec::new()),
             }),
             stop: Default::default(),
+            observer: None,
         }
+    }
+
+    /// This sender, telling `observer` how each attempt ended.
+    pub fn observed_by(&self, observer: Arc<dyn Observer>) -> Sender {
+        Sender { observer: Some(observer), ..self.clone() }
     }
 
     /// This sender, retrying no more once `stop` is cancelled.
     pub fn stopping_on(&self, stop: tokio_util::sync::CancellationToken) -> Sender {
-        Sender { inner: self.inner.clone(), stop }
+        Sender { stop, ..self.clone() }
     }
 
     /// Sends `request`, retrying retryable failures, and says how it ended.
@@ -236,7 +260,12 @@ impl Sender {
             Err(reason) => return refused_without_status(reason, false, attempt),
         };
         let limits = Limits { timeout: self.inner.timeout, body_prefix: BODY_PREFIX };
-        let answer = match self.inner.transport.send(sent, limits).await {
+        let started = std::time::Instant::now();
+        let answer = self.inner.transport.send(sent, limits).await;
+        if let Some(observer) = &self.observer {
+            observer.answered(answer.as_ref().ok().map(|a| a.status), started.elapsed());
+        }
+        let answer = match answer {
             Err(TransportError::Invalid(reason)) => return refused_without_status(reason, false, attempt),
             Err(TransportError::Destination(reason)) => return refused_without_status(reason, true, attempt),
             Err(TransportError::Failed(reason)) => return retry_without_status(reason),

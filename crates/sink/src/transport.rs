@@ -78,7 +78,7 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
 }
 
 /// Whether HTTP/2 is spoken.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Http2 {
     /// HTTP/2 where the server offers it by ALPN (TLS), HTTP/1.1 otherwise.

@@ -25,7 +25,7 @@ pub use postgres::{PostgresSource, redact_url};
 ///     init: |                  # optional SQL run when the connection opens
 ///       create view customers as select * from read_csv('syncs/data/customers.csv');
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum WarehouseConfig {

@@ -33,6 +33,8 @@ pub struct Received {
     pub peer_port: u16,
     /// The protocol: `HTTP/1.1` or `HTTP/2.0`.
     pub version: String,
+    /// When it arrived.
+    pub arrived: Instant,
 }
 
 impl Received {
@@ -318,6 +320,7 @@ async fn handle(
         body: body.to_vec(),
         peer_port: peer.port(),
         version: format!("{version:?}"),
+        arrived: Instant::now(),
     };
     let reply = {
         let mut inner = shared.inner.lock().expect("lock");

@@ -22,7 +22,7 @@ pub fn record(id: u64) -> Record {
 }
 
 pub fn ctx() -> MetaContext {
-    MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into() }
+    MetaContext { sync: "s".into(), mode: Mode::Upsert, run_id: "r".into(), test: false }
 }
 
 /// A destination at `url` with `base` settings, overridden by `extra`.
