@@ -72,8 +72,9 @@ enum Command {
     Validate,
     /// Show what a run would send; sends and commits nothing.
     Plan {
-        /// The sync.
-        sync: String,
+        /// The sync, or several: names, globs (`crm_*`) or `tag:NAME`.
+        #[arg(required = true)]
+        syncs: Vec<String>,
         /// Treat every current row as added (as `run --full` would).
         #[arg(long)]
         full: bool,
@@ -256,11 +257,15 @@ async fn execute(cli: &Cli, env: &Env) -> anyhow::Result<u8> {
             out.validated(&engine);
             Ok(OK)
         }
-        Command::Plan { sync, full, diff, limit } => {
+        Command::Plan { syncs, full, diff, limit } => {
             let engine = load(cli, env.clone())?;
             let progress = output::TerminalProgress::new(cli.json);
-            let plan = engine.plan_with_diff(sync, *full, if *diff { (*limit).max(1) } else { 0 }, &progress)?;
-            out.plan(&plan);
+            let names = selected(&engine, syncs, false)?;
+            let mut plans = Vec::new();
+            for name in &names {
+                plans.push(engine.plan_with_diff(name, *full, if *diff { (*limit).max(1) } else { 0 }, &progress)?);
+            }
+            out.plans(&plans);
             Ok(OK)
         }
         Command::Check { syncs, send_test } => {

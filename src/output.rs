@@ -33,11 +33,21 @@ impl Output {
         }
     }
 
-    pub fn plan(&self, plan: &Plan) {
+    /// One plan as a JSON object, several as an array.
+    pub fn plans(&self, plans: &[Plan]) {
         if self.json {
-            say!("{}", pretty(plan));
+            match plans {
+                [one] => say!("{}", pretty(one)),
+                many => say!("{}", pretty(&many)),
+            }
             return;
         }
+        for plan in plans {
+            self.plan(plan);
+        }
+    }
+
+    fn plan(&self, plan: &Plan) {
         let c = &plan.counts;
         say!(
             "plan for {} (mode {}{}) — nothing sent, nothing committed",

@@ -322,6 +322,10 @@ fn select_by_tag_and_glob_runs_only_those_syncs() {
     assert_eq!(once.wait(Duration::from_secs(60)), 0, "{}", once.stderr());
     assert_eq!(to(&p.receiver, "ads").len(), 1);
     assert_eq!(p.receiver.requests().len(), 4);
+    let plans = p.backflow(&["--json", "plan", "crm_*"]);
+    let plans: serde_json::Value = serde_json::from_str(&plans.stdout).unwrap();
+    let names: Vec<&str> = plans.as_array().unwrap().iter().map(|p| p["sync"].as_str().unwrap()).collect();
+    assert_eq!(names, ["crm_a", "crm_b"]);
     let bad = p.backflow(&["run", "tag:nope"]);
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("matches no sync") && bad.stderr.contains("tags: ads, crm"), "{}", bad.stderr);
@@ -507,4 +511,30 @@ fn json_logs_carry_the_sync_and_run_id_of_each_line_of_a_run() {
     let run_id = retry["span"]["run_id"].as_str().unwrap();
     assert_eq!(p.receiver.bodies()[0]["_meta"]["run_id"], run_id);
     assert!(lines.iter().any(|l| l["fields"]["message"] == "run ended" && l["fields"]["run_id"] == run_id));
+}
+
+#[test]
+fn once_sends_its_alerts_and_events_before_it_exits() {
+    let ops = Receiver::start();
+    let p = project(
+        &format!("alerts:\n  - url: \"{0}/alerts\"\nevents:\n  - url: \"{0}/events\"\n", ops.url()),
+        &[(
+            "s",
+            ticking("s", "every: 1h").replace("select 1 as id, epoch_ns(now()) as t", "select id, t from missing"),
+        )],
+    );
+    // The receiver is down at first: each message is delivered by a retry
+    // about a second later, which only a process that waits for it makes.
+    ops.respond(|_, n| if n < 3 { Reply::Status(503) } else { Reply::Status(200) });
+    let mut once = Serving::start_with(p.cmd(&["serve", "--once"]), &[]);
+    assert_eq!(once.wait(Duration::from_secs(60)), 2, "a failed run: {}", once.stderr());
+    let got: Vec<(String, String)> = ops
+        .requests()
+        .iter()
+        .map(|r| (r.target.clone(), r.json()["event"].as_str().or(r.json()["type"].as_str()).unwrap().to_string()))
+        .collect();
+    for expected in [("/alerts", "sync.failed"), ("/events", "run.started"), ("/events", "run.failed")] {
+        let tries = got.iter().filter(|(t, e)| t == expected.0 && e == expected.1).count();
+        assert_eq!(tries, 2, "{expected:?} refused once, then delivered: {got:?}");
+    }
 }

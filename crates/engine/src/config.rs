@@ -657,7 +657,7 @@ impl Project {
                      (e.g. `openssl rand -hex 24`) in a variable: `${BACKFLOW_TRIGGER_TOKEN}`"
                         .into())
                 }
-                Ok(t) => settings.trigger_token = Some(t),
+                Ok(t) => settings.trigger_token = Some(t.trim().to_string()),
                 Err(e) => err(format!("serve.trigger_token: {e}")),
             }
         }

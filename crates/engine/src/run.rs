@@ -516,7 +516,7 @@ impl Engine {
         let p = match self.prepare(name, full, false, progress) {
             Ok(p) => p,
             Err(e) => {
-                self.record_failure(name, full, &started_at, &e);
+                self.record_failure(name, full, run_id, &started_at, &e);
                 return Err(e);
             }
         };
@@ -621,14 +621,14 @@ impl Engine {
     /// Records a run that failed before sending (bad keys, a failing
     /// query…), so `history` shows it. Nothing is recorded when the state
     /// itself is unavailable (another run holds it) or the sync is unknown.
-    fn record_failure(&self, name: &str, full: bool, started_at: &str, error: &EngineError) {
+    fn record_failure(&self, name: &str, full: bool, run_id: &str, started_at: &str, error: &EngineError) {
         if matches!(error, EngineError::State(_) | EngineError::Config(_)) {
             return;
         }
         let Ok(sync) = self.project.sync(name) else { return };
         if let Ok(store) = self.store(name) {
             let record = RunRecord {
-                run_id: uuid::Uuid::now_v7().to_string(),
+                run_id: run_id.to_string(),
                 sync: name.to_string(),
                 mode: sync.spec.mode,
                 full,
@@ -698,6 +698,13 @@ impl Engine {
         progress.phase(&ctx.sync, "sending", Some(p.counts.to_send));
         let looped: Result<(), EngineError> = async {
             loop {
+                // Asked to stop before this turn (e.g. while the query was
+                // read): no page goes out.
+                if !draining && self.stopping.is_cancelled() {
+                    driver.drain();
+                    draining = true;
+                    pages = None;
+                }
                 let room = async {
                     match &pages {
                         Some(tx) => tx.reserve().await.ok(),

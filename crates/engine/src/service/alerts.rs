@@ -35,7 +35,7 @@ impl Health {
         match status {
             "succeeded" => Some(Health::Ok),
             "failed" => Some(Health::Failed),
-            "partial" | "interrupted" => Some(Health::Partial),
+            "partial" => Some(Health::Partial),
             _ => None,
         }
     }
@@ -176,8 +176,15 @@ fn body(format: NotifyFormat, message: &Value) -> Value {
 }
 
 /// Sends `message` about `sync` to each notifier concerned, each on its
-/// own task.
-pub fn send(notifiers: &[Notifier], sync: &str, message: &Value, redact: &backflow_core::env::Env) {
+/// own task (returned, so that a service can let them finish before it
+/// exits).
+pub fn send(
+    notifiers: &[Notifier],
+    sync: &str,
+    message: &Value,
+    redact: &backflow_core::env::Env,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
     for n in notifiers {
         if n.syncs.as_ref().is_some_and(|s| !s.iter().any(|x| x == sync)) {
             continue;
@@ -192,7 +199,7 @@ pub fn send(notifiers: &[Notifier], sync: &str, message: &Value, redact: &backfl
             }
         };
         let (sender, place, sync, env) = (n.sender.clone(), n.place.clone(), sync.to_string(), redact.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             match sender.send(&request).await {
                 backflow_sink::Outcome::Delivered { .. } => {
                     tracing::debug!(notifier = %place, sync, "message sent")
@@ -203,8 +210,9 @@ pub fn send(notifiers: &[Notifier], sync: &str, message: &Value, redact: &backfl
                     tracing::warn!(notifier = %place, sync, reason = %reason, "cannot send the message")
                 }
             }
-        });
+        }));
     }
+    tasks
 }
 
 #[cfg(test)]

@@ -180,9 +180,11 @@ impl Metrics {
         self.failures_in_a_row.get_or_create(&sync(name)).set(n.into());
     }
 
-    /// A run started `lag` after its slot.
-    pub fn started(&self, lag: Duration) {
-        self.lag.observe(lag.as_secs_f64());
+    /// A run started, `lag` after its slot (None: not a scheduled run).
+    pub fn started(&self, lag: Option<Duration>) {
+        if let Some(lag) = lag {
+            self.lag.observe(lag.as_secs_f64());
+        }
         self.running.inc();
     }
 

@@ -34,6 +34,8 @@ const KNOWN_RUNS: usize = 1_000;
 /// After the drain time and the cancellation of requests, how long runs
 /// still busy (reading their query) are waited for.
 const ABANDON_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+/// Before exiting, how long alerts and events still being sent may take.
+const MESSAGES_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// How `serve` was asked to run.
 #[derive(Debug, Clone, Default)]
@@ -283,6 +285,8 @@ pub struct Service {
     abort: CancellationToken,
     /// Something changed: a trigger, a reload.
     wake: Notify,
+    /// Alerts and events being sent.
+    messages: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The endpoint's address.
     address: Option<std::net::SocketAddr>,
     started_at: String,
@@ -342,6 +346,7 @@ impl Service {
             stop,
             abort,
             wake: Notify::new(),
+            messages: Mutex::new(Vec::new()),
             address,
             started_at: backflow_diff::now(),
         });
@@ -596,6 +601,11 @@ impl Service {
                 }
             }
         }
+        // Alerts and events about the last runs go out before the exit.
+        let messages = std::mem::take(&mut *self.messages.lock().expect("messages lock"));
+        if tokio::time::timeout(MESSAGES_AFTER, futures_join(messages)).await.is_err() {
+            tracing::warn!("some alerts or events could not be sent before the exit");
+        }
         Ok(served)
     }
 
@@ -635,7 +645,7 @@ impl Service {
             entry.status = "running".into();
             entry.started_at = Some(backflow_diff::now());
             let engine = self.engine();
-            alerts::send(&engine.checked.events, &sync, &alerts::event(&entry), &engine.env);
+            self.sending(alerts::send(&engine.checked.events, &sync, &alerts::event(&entry), &engine.env));
             board.remember(entry);
             if let Some(slot) = board.syncs.get_mut(&sync) {
                 slot.current = Some(run_id.clone());
@@ -644,8 +654,7 @@ impl Service {
                 }
             }
             board.running += 1;
-            let lag = slot_at.map_or(chrono::TimeDelta::zero(), |at| now - at);
-            self.metrics.started(lag.to_std().unwrap_or_default());
+            self.metrics.started(slot_at.map(|at| (now - at).to_std().unwrap_or_default()));
             self.spawn_run(sync, run_id, slot_at.is_some(), done.clone());
         }
         if board.running >= limit {
@@ -704,21 +713,25 @@ impl Service {
         }
         let failed =
             entry.status == "failed" || (entry.status == "partial" && entry.delivered == 0 && entry.message.is_some());
-        alerts::send(&engine.checked.events, &sync, &alerts::event(&entry), &engine.env);
+        self.sending(alerts::send(&engine.checked.events, &sync, &alerts::event(&entry), &engine.env));
         let degraded_when = engine.project.sync(&sync).ok().and_then(|s| s.spec.degraded_when.clone());
         let judged = alerts::judge(&entry, degraded_when.as_ref());
         board.remember(entry.clone());
         let Some(slot) = board.syncs.get_mut(&sync) else { return };
         slot.current = None;
-        if let Some((health, reasons)) = judged {
+        // A run cut short by the service stopping says nothing of the
+        // sync's health.
+        let stopping = self.shutdown.is_cancelled();
+        if let Some((health, reasons)) = judged.filter(|_| !stopping) {
             if let Some(alert) = alerts::alert(&entry, slot.health, health, &reasons) {
                 tracing::warn!(sync, health = ?health, reasons = %reasons.join("; "), "sync health changed: alerting");
-                alerts::send(&engine.checked.alerts, &sync, &alert, &engine.env);
+                self.sending(alerts::send(&engine.checked.alerts, &sync, &alert, &engine.env));
             }
             slot.health = health;
         }
-        if entry_is_skip(&result) {
-            // Another process runs it: its next slot stands.
+        if entry_is_skip(&result) || stopping {
+            // Another process runs it (its next slot stands), or the
+            // service stopped it.
         } else if failed {
             slot.failures += 1;
         } else {
@@ -775,6 +788,13 @@ impl Service {
         slot.next = upcoming;
     }
 
+    /// Keeps `tasks` (messages being sent) until they end.
+    fn sending(&self, tasks: Vec<tokio::task::JoinHandle<()>>) {
+        let mut messages = self.messages.lock().expect("messages lock");
+        messages.retain(|t| !t.is_finished());
+        messages.extend(tasks);
+    }
+
     /// Whether the endpoint should say ready: the schedule is loaded, the
     /// state folder can be written, and the service is not stopping.
     fn readiness(&self) -> Result<(), String> {
@@ -785,6 +805,13 @@ impl Service {
         std::fs::create_dir_all(&dir)
             .and_then(|()| tempfile_probe(&dir))
             .map_err(|e| format!("the state folder {} cannot be written: {e}", dir.display()))
+    }
+}
+
+/// Waits for every task.
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
