@@ -304,7 +304,8 @@ pub fn secrets(tally: &mut Tally) {
     let sync = format!(
         "warehouse: wh\nquery: select id, name, score from items\nprimary_key: id\nmode: mirror\n\
          destination:\n  url: \"{}/hook?token=${{BF_TOKEN}}\"\n  headers: {{Authorization: \"Bearer ${{BF_TOKEN}}\"}}\n  \
-         signing: {{scheme: hmac-sha1, secret: \"${{BF_SIGNING}}\"}}\n  retry: {{attempts: 3, backoff: 5ms}}\n",
+         signing: {{scheme: hmac-sha1, secret: \"${{BF_SIGNING}}\"}}\n  retry: {{attempts: 3, backoff: 5ms}}\n\
+         schedule: {{every: 1h}}\n",
         receiver.url()
     );
     std::fs::write(dir.path().join("syncs/s.yaml"), &sync).unwrap();
@@ -324,14 +325,18 @@ pub fn secrets(tally: &mut Tally) {
         vec!["validate"],
         vec!["plan", "s"],
         vec!["plan", "q"],
+        // The first run: retries, a rejection echoing the header, JSON logs.
+        vec!["-vv", "--log-format", "json", "serve", "--once"],
         vec!["-vv", "run", "s"],
         vec!["-vv", "run", "q"],
         vec!["--json", "run", "s", "q"],
         vec!["check"],
+        vec!["check", "s", "--send-test"],
         vec!["history", "--rejections"],
         vec!["--json", "history", "--rejections"],
         vec!["inspect", "s", "1"],
         vec!["inspect", "s", "3"],
+        vec!["plan", "s", "--diff"],
         vec!["-vv", "reset", "s"],
     ] {
         let ran = run_in(dir.path(), &args, &envs);

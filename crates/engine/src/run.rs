@@ -257,8 +257,7 @@ impl Engine {
         }
         let mut query = self.env.expand(&sync.spec.query).map_err(|e| config_error(name, format!("query: {e}")))?;
         if first_row {
-            let text = query.trim().trim_end_matches(';');
-            query = format!("select * from (\n{text}\n) as backflow_first_row limit 1");
+            query = format!("select * from (\n{}\n) as backflow_first_row limit 1", without_terminator(&query));
         }
         let route_columns = self.destination(sync)?.route_columns();
         let mapping = sync.mapping(&self.env);
@@ -920,6 +919,22 @@ fn record(sync: &str, row: OutboxRow) -> Record {
     }
 }
 
+/// `sql` without what may follow its last clause: white space, `;` and
+/// `--` comments on the last lines (it is wrapped in a subquery).
+fn without_terminator(sql: &str) -> &str {
+    let mut rest = sql.trim_end();
+    loop {
+        let last_line = rest.rfind('\n').map_or(0, |i| i + 1);
+        if let Some(comment) = rest[last_line..].find("--") {
+            rest = rest[..last_line + comment].trim_end();
+        } else if let Some(stripped) = rest.strip_suffix(';') {
+            rest = stripped.trim_end();
+        } else {
+            return rest;
+        }
+    }
+}
+
 /// What `check --send-test` sent, and the answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct TestSend {
@@ -1080,6 +1095,13 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_query_loses_its_terminator_and_trailing_comments_before_it_is_wrapped() {
+        assert_eq!(super::without_terminator("select 1 ;\n"), "select 1");
+        assert_eq!(super::without_terminator("select 1; -- the end\n-- really\n"), "select 1");
+        assert_eq!(super::without_terminator("select '--' as x\nfrom t"), "select '--' as x\nfrom t");
+    }
     use super::*;
 
     fn page(rows: usize, payload_bytes: usize) -> Vec<OutboxRow> {
