@@ -980,7 +980,7 @@ impl Engine {
                 sync: name.to_string(),
                 source: backflow_sink::SinkError::Client(self.env.redact(&reason)),
             })?;
-            request.headers.insert("backflow-test", http_value("true"));
+            request.headers.insert("backflow-test", http::HeaderValue::from_static("true"));
             (request, op)
         };
         let sender = self.sender(self.project.sync(name)?)?;
@@ -1014,10 +1014,6 @@ impl Engine {
             answer,
         })
     }
-}
-
-fn http_value(text: &'static str) -> http::HeaderValue {
-    http::HeaderValue::from_static(text)
 }
 
 /// What `check` found: whether the warehouse answers the query with the
