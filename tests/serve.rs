@@ -132,11 +132,14 @@ fn a_run_past_its_slots_skips_them_once_and_a_failing_sync_backs_off_without_sto
         .unwrap_or_else(|| panic!("the long run's slots:\n{log}"));
     let missed: u32 = line.split("past ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(missed >= 4, "about 1.6 s / 300 ms slots: {line}");
-    // No burst of catch-up runs: the runs after the long one keep the schedule.
+    // No burst of catch-up runs: the runs after the long one keep the
+    // schedule (one run may start a little late and the next on time, so
+    // single gaps vary; a burst would put the missed runs back to back).
     let at = to(&p.receiver, "slow");
-    for pair in at[1..].windows(2) {
-        assert!(pair[1] - pair[0] >= Duration::from_millis(200), "runs 300 ms apart, not a burst: {at:?}");
-    }
+    let soon = at[1..].iter().filter(|t| **t - at[1] < Duration::from_millis(400)).count();
+    assert!(soon <= 2, "{soon} runs within 400 ms of the long one's end: {at:?}");
+    let spacing = (at[at.len() - 1] - at[1]) / (at.len() - 2) as u32;
+    assert!(spacing >= Duration::from_millis(250), "runs about 300 ms apart on average, got {spacing:?}: {at:?}");
     // The broken sync fails again and again, backing off, and the other goes on.
     let log = serve.wait_log("failure(s) in a row: backing off", Duration::from_secs(10));
     assert!(log.contains("missing_table"), "{log}");
