@@ -821,31 +821,48 @@ fn next_page_size(page: &[OutboxRow], size: usize, least: usize) -> usize {
     (2 * size).min(PAGE_MAX).min(by_bytes).max(least)
 }
 
-/// The encoding stage: outbox pages become requests, handed on in chunks,
-/// until the pages end or the sending task stops.
+/// The encoding stage: outbox pages become requests, built as they are
+/// handed on in chunks (never a whole page of requests in memory), until
+/// the pages end or the sending task stops. A batch may span pages.
 fn encode_pages(
     mut pages: tokio::sync::mpsc::Receiver<Vec<OutboxRow>>,
     chunks: tokio::sync::mpsc::Sender<Vec<Batch>>,
     destination: &Destination,
     ctx: &MetaContext,
 ) {
+    let mut batcher = destination.batcher(ctx);
+    let mut chunk = Vec::new();
+    let mut in_chunk = 0;
+    let hand_on = |batch: Batch, chunk: &mut Vec<Batch>, in_chunk: &mut usize| {
+        *in_chunk += batch.records.len();
+        chunk.push(batch);
+        if chunk.len() >= SEND_CHUNK || *in_chunk >= SEND_CHUNK_RECORDS {
+            *in_chunk = 0;
+            return chunks.blocking_send(std::mem::take(chunk)).is_ok();
+        }
+        true
+    };
     while let Some(page) = pages.blocking_recv() {
-        let records = page.into_iter().map(|row| record(&ctx.sync, row)).collect();
-        let mut chunk = Vec::new();
-        let mut in_chunk = 0;
-        for batch in destination.batches(records, ctx) {
-            in_chunk += batch.records.len();
-            chunk.push(batch);
-            if chunk.len() >= SEND_CHUNK || in_chunk >= SEND_CHUNK_RECORDS {
-                if chunks.blocking_send(std::mem::take(&mut chunk)).is_err() {
-                    return;
-                }
-                in_chunk = 0;
+        for row in page {
+            if let Some(batch) = batcher.push(record(&ctx.sync, row))
+                && !hand_on(batch, &mut chunk, &mut in_chunk)
+            {
+                return;
             }
         }
-        if !chunk.is_empty() && chunks.blocking_send(chunk).is_err() {
+        // What is built waits for no further page.
+        if !chunk.is_empty() && chunks.blocking_send(std::mem::take(&mut chunk)).is_err() {
             return;
         }
+        in_chunk = 0;
+    }
+    for batch in batcher.finish() {
+        if !hand_on(batch, &mut chunk, &mut in_chunk) {
+            return;
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = chunks.blocking_send(chunk);
     }
 }
 

@@ -1,18 +1,23 @@
 //! The sink driver: keeps a destination's requests in flight, trips the
 //! circuit breaker, stops at a destination's refusal, and hands outcomes
-//! back in chunks for acknowledgement. It runs as one task owning every
-//! request's task; whatever way it stops (the queue drained, an early stop,
-//! [`Driver::cancel`], [`Driver::drain`]), every request task has ended
-//! before [`Driver::finish`] returns: nothing is left sending.
+//! back in chunks for acknowledgement. It runs as one task that polls every
+//! request in flight itself (no task per request: on a fast receiver the
+//! spawning and waking of one cost more than the request's own work);
+//! whatever way it stops (the queue drained, an early stop,
+//! [`Driver::cancel`], [`Driver::drain`]), every request has ended or been
+//! dropped before [`Driver::finish`] returns: nothing is left sending.
 
 use crate::request::{Batch, Destination};
 use crate::{MetaContext, Outcome, Sender};
 use backflow_core::Record;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Outcomes of delivered requests, in chunks.
@@ -65,7 +70,7 @@ impl Driver {
             results: results_tx,
             cancel: cancel.clone(),
             drain: drain.clone(),
-            in_flight: JoinSet::new(),
+            in_flight: FuturesUnordered::new(),
             chunk: Vec::new(),
         };
         (
@@ -104,6 +109,9 @@ impl Driver {
     }
 }
 
+/// A request in flight: its records' outcomes when it ends.
+type InFlight = Pin<Box<dyn Future<Output = Vec<(Record, Outcome)>> + Send>>;
+
 /// The driver's task.
 struct Run {
     n: Arc<Delivery>,
@@ -111,7 +119,7 @@ struct Run {
     results: mpsc::UnboundedSender<Vec<(Record, Outcome)>>,
     cancel: CancellationToken,
     drain: CancellationToken,
-    in_flight: JoinSet<Vec<(Record, Outcome)>>,
+    in_flight: FuturesUnordered<InFlight>,
     chunk: Vec<(Record, Outcome)>,
 }
 
@@ -125,8 +133,9 @@ impl Run {
             stopped = self.send() => stopped,
             _ = cancel.cancelled() => Some("stopped: cancelled; the rest stays pending".to_string()),
         };
-        // Cancelled (or stopped early): requests still in flight end here.
-        self.in_flight.shutdown().await;
+        // Cancelled (or stopped early): requests still in flight are
+        // dropped here.
+        self.in_flight.clear();
         if !self.chunk.is_empty() {
             let _ = self.results.send(std::mem::take(&mut self.chunk));
         }
@@ -142,8 +151,14 @@ impl Run {
         // Why delivery stopped early; the requests in flight then end
         // (without further retries) and their outcomes still count.
         let mut stopped: Option<String> = None;
+        // One wait for the drain, made once: a token's wait takes its lock.
+        let drained = self.drain.clone().cancelled_owned();
+        tokio::pin!(drained);
         loop {
-            if self.drain.is_cancelled() && open {
+            // Read once a turn (the token's state sits behind a lock); a
+            // drain asked for during the turn is seen at the next.
+            let draining = self.drain.is_cancelled();
+            if draining && open {
                 open = false;
                 local.clear();
                 self.queue.close();
@@ -155,19 +170,17 @@ impl Run {
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
-            while !self.drain.is_cancelled() && self.in_flight.len() < n.concurrency {
+            while !draining && self.in_flight.len() < n.concurrency {
                 let Some(batch) = local.pop_front() else { break };
                 let n = n.clone();
-                self.in_flight.spawn(tracing::Instrument::in_current_span(async move {
-                    n.destination.send(&n.sender, batch, &n.ctx).await
-                }));
+                self.in_flight.push(Box::pin(async move { n.destination.send(&n.sender, batch, &n.ctx).await }));
             }
             if self.in_flight.is_empty() {
                 self.flush();
                 if stopped.is_some() {
                     return stopped;
                 }
-                if self.drain.is_cancelled() {
+                if draining {
                     return Some(
                         "stopped early: Backflow was asked to stop; requests in flight finished, the rest stays pending"
                             .to_string(),
@@ -181,12 +194,12 @@ impl Run {
                         Some(batches) => local.extend(batches),
                         None => open = false,
                     },
-                    _ = self.drain.cancelled() => {}
+                    _ = &mut drained => {}
                 }
                 continue;
             }
             let done = tokio::select! {
-                done = self.in_flight.join_next() => done,
+                done = self.in_flight.next() => done,
                 batches = self.queue.recv(), if open && local.is_empty() && self.in_flight.len() < n.concurrency => {
                     match batches {
                         Some(batches) => local.extend(batches),
@@ -194,19 +207,9 @@ impl Run {
                     }
                     None
                 }
-                _ = self.drain.cancelled(), if open => None,
+                _ = &mut drained, if open && !draining => None,
             };
             if let Some(done) = done {
-                let done = match done {
-                    Ok(done) => done,
-                    Err(e) => {
-                        stopped.get_or_insert_with(|| {
-                            format!("stopped early: a request failed inside Backflow ({e}); the rest stays pending")
-                        });
-                        self.drain.cancel();
-                        continue;
-                    }
-                };
                 let refused = done.iter().find_map(|(_, o)| match o {
                     Outcome::Failed { destination: true, reason, .. } => Some(reason.clone()),
                     _ => None,

@@ -230,63 +230,22 @@ impl Destination {
     /// and URL, at most `batch_size` and `max_body_bytes` each (each
     /// record's envelope is written once, into its batch's body).
     pub fn batches(&self, records: Vec<Record>, ctx: &MetaContext) -> Vec<Batch> {
-        let encoder = Encoder::new(ctx, self.meta_key.as_deref());
-        if self.batch_size == 1 {
-            return records
-                .into_iter()
-                .map(|r| {
-                    let request = self.build(&encoder, std::slice::from_ref(&r), None);
-                    Batch { records: vec![r], request }
-                })
-                .collect();
-        }
-        struct Group<'a> {
-            route: &'a Route,
-            records: Vec<Record>,
-            body: Vec<u8>,
-        }
-        let finish = |g: &mut Group| {
-            let records = std::mem::take(&mut g.records);
-            let mut body = std::mem::take(&mut g.body);
-            body.push(b']');
-            let request = self.build(&encoder, &records, Some(body));
-            Batch { records, request }
-        };
-        let mut groups: Vec<Group> = Vec::new();
-        let mut out = Vec::new();
-        let mut scratch = Vec::new();
-        for record in records {
-            let route = self.route(record.change);
-            scratch.clear();
-            encoder.write(&record, &mut scratch);
-            let slot = groups
-                .iter()
-                .position(|g| g.route.method == route.method && g.route.url == route.url)
-                .unwrap_or_else(|| {
-                    groups.push(Group { route, records: Vec::new(), body: Vec::new() });
-                    groups.len() - 1
-                });
-            let group = &mut groups[slot];
-            if !group.records.is_empty()
-                && (group.records.len() >= self.batch_size
-                    || group.body.len() + scratch.len() + 2 > self.max_body_bytes)
-            {
-                out.push(finish(group));
-            }
-            if group.records.is_empty() {
-                // Sized for a full batch of records like this one: no
-                // regrowing (and copying) of large bodies.
-                let estimate = (scratch.len() + 1).saturating_mul(self.batch_size).saturating_add(2);
-                group.body.reserve(estimate.min(self.max_body_bytes));
-            }
-            group.body.push(if group.records.is_empty() { b'[' } else { b',' });
-            group.body.extend_from_slice(&scratch);
-            group.records.push(record);
-        }
-        out.extend(groups.iter_mut().filter(|g| !g.records.is_empty()).map(finish));
+        let mut batcher = self.batcher(ctx);
+        let mut out: Vec<Batch> = records.into_iter().filter_map(|r| batcher.push(r)).collect();
+        out.extend(batcher.finish());
         out
     }
 
+    /// A [`Batcher`]: [`Destination::batches`] one record at a time, so
+    /// requests are built as they are handed on rather than a page at once.
+    pub fn batcher<'a>(&'a self, ctx: &MetaContext) -> Batcher<'a> {
+        Batcher {
+            destination: self,
+            encoder: Encoder::new(ctx, self.meta_key.as_deref()),
+            groups: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
     /// The request for `records` (one, or a batch bound for one route).
     /// `Err` when a record cannot be addressed (a NULL URL placeholder).
     pub fn request(&self, records: &[Record], ctx: &MetaContext) -> Result<HttpRequest, String> {
@@ -450,6 +409,77 @@ pub struct Batch {
     pub records: Vec<Record>,
     /// The request, or why the records cannot be addressed.
     pub request: Result<HttpRequest, String>,
+}
+
+/// Builds a destination's requests from records pushed one at a time
+/// ([`Destination::batcher`]).
+#[derive(Debug)]
+pub struct Batcher<'a> {
+    destination: &'a Destination,
+    encoder: Encoder,
+    /// Open batches, one per method and URL.
+    groups: Vec<Group<'a>>,
+    scratch: Vec<u8>,
+}
+
+/// An open batch: its records and the JSON array written so far.
+#[derive(Debug)]
+struct Group<'a> {
+    route: &'a Route,
+    records: Vec<Record>,
+    body: Vec<u8>,
+}
+
+impl Batcher<'_> {
+    /// Takes `record`; gives back the batch it completes, if any: a
+    /// single-record request at once, a batch once the next record bound
+    /// for its route would not fit.
+    pub fn push(&mut self, record: Record) -> Option<Batch> {
+        let d = self.destination;
+        if d.batch_size == 1 {
+            let request = d.build(&self.encoder, std::slice::from_ref(&record), None);
+            return Some(Batch { records: vec![record], request });
+        }
+        let route = d.route(record.change);
+        self.scratch.clear();
+        self.encoder.write(&record, &mut self.scratch);
+        let slot =
+            self.groups.iter().position(|g| g.route.method == route.method && g.route.url == route.url).unwrap_or_else(
+                || {
+                    self.groups.push(Group { route, records: Vec::new(), body: Vec::new() });
+                    self.groups.len() - 1
+                },
+            );
+        let group = &mut self.groups[slot];
+        let full = !group.records.is_empty()
+            && (group.records.len() >= d.batch_size || group.body.len() + self.scratch.len() + 2 > d.max_body_bytes);
+        let done = if full { Some(close(d, &self.encoder, group)) } else { None };
+        if group.records.is_empty() {
+            // Sized for a full batch of records like this one: no
+            // regrowing (and copying) of large bodies.
+            let estimate = (self.scratch.len() + 1).saturating_mul(d.batch_size).saturating_add(2);
+            group.body.reserve(estimate.min(d.max_body_bytes));
+        }
+        group.body.push(if group.records.is_empty() { b'[' } else { b',' });
+        group.body.extend_from_slice(&self.scratch);
+        group.records.push(record);
+        done
+    }
+
+    /// The batches still open.
+    pub fn finish(mut self) -> Vec<Batch> {
+        let (d, encoder) = (self.destination, &self.encoder);
+        self.groups.iter_mut().filter(|g| !g.records.is_empty()).map(|g| close(d, encoder, g)).collect()
+    }
+}
+
+/// The request of an open batch, which is left empty.
+fn close(destination: &Destination, encoder: &Encoder, group: &mut Group) -> Batch {
+    let records = std::mem::take(&mut group.records);
+    let mut body = std::mem::take(&mut group.body);
+    body.push(b']');
+    let request = destination.build(encoder, &records, Some(body));
+    Batch { records, request }
 }
 
 /// The request target (path and query) of an absolute `url` as sent: as
@@ -652,6 +682,30 @@ mod tests {
         }
         let err = Destination::new(&config(json!({"batch_size": 10, "method": "GET"})), &Env::default()).unwrap_err();
         assert!(err.to_string().contains("GET sends one record per request"), "{err}");
+    }
+
+    #[test]
+    fn a_batcher_hands_each_request_on_as_soon_as_it_is_complete() {
+        let rows = |batches: Vec<Batch>| -> Vec<Vec<u64>> {
+            batches.iter().map(|b| b.records.iter().map(|r| r.row_num).collect()).collect()
+        };
+        let d = Destination::new(&config(json!({"batch_size": 3})), &Env::default()).unwrap();
+        let mut batcher = d.batcher(&ctx());
+        let mut handed: Vec<(i64, Vec<u64>)> = Vec::new();
+        for i in 1..=7 {
+            if let Some(batch) = batcher.push(record(i, Change::Added)) {
+                handed.push((i, rows(vec![batch]).remove(0)));
+            }
+        }
+        // A batch goes once the next record would not fit, not at the end.
+        assert_eq!(handed, [(4, vec![1, 2, 3]), (7, vec![4, 5, 6])]);
+        assert_eq!(rows(batcher.finish()), [vec![7]]);
+
+        let single = Destination::new(&config(json!({})), &Env::default()).unwrap();
+        let mut batcher = single.batcher(&ctx());
+        let batch = batcher.push(record(1, Change::Added)).expect("one record, one request, at once");
+        assert_eq!(batch.request.unwrap(), single.request(&batch.records, &ctx()).unwrap());
+        assert!(batcher.finish().is_empty());
     }
 
     #[test]

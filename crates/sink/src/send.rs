@@ -252,7 +252,13 @@ impl Sender {
             limiter.until_ready().await;
         }
         let sent = match self.origin(&request.url) {
-            Ok(origin) => origin.request(request, request.attempt_headers(chrono::Utc::now().timestamp())),
+            Ok(origin) => {
+                let signed_now = match request.timed {
+                    Some(_) => request.attempt_headers(chrono::Utc::now().timestamp()),
+                    None => Vec::new(),
+                };
+                origin.request(request, signed_now)
+            }
             Err(reason) => Err(reason),
         };
         let sent = match sent {
@@ -260,9 +266,9 @@ impl Sender {
             Err(reason) => return refused_without_status(reason, false, attempt),
         };
         let limits = Limits { timeout: self.inner.timeout, body_prefix: BODY_PREFIX };
-        let started = std::time::Instant::now();
+        let started = self.observer.as_ref().map(|_| std::time::Instant::now());
         let answer = self.inner.transport.send(sent, limits).await;
-        if let Some(observer) = &self.observer {
+        if let (Some(observer), Some(started)) = (&self.observer, started) {
             observer.answered(answer.as_ref().ok().map(|a| a.status), started.elapsed());
         }
         let answer = match answer {
@@ -275,8 +281,9 @@ impl Sender {
             Ok(answer) => answer,
         };
         let status = answer.status;
+        // Kept as text only with a failure.
         let body = match answer.body {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(b) => b,
             Err(e) if (200..300).contains(&status) => {
                 // The receiver said 2xx but the body broke off: not an ack.
                 return Attempt::Retry {
@@ -287,8 +294,9 @@ impl Sender {
                     unresolved: false,
                 };
             }
-            Err(_) => String::new(),
+            Err(_) => bytes::Bytes::new(),
         };
+        let text = || String::from_utf8_lossy(&body).into_owned();
         let header = |name: http::HeaderName| answer.headers.get(name).and_then(|v| v.to_str().ok());
         let answered = Answer {
             status,
@@ -301,7 +309,7 @@ impl Sender {
         let failed = |reason: String, destination: bool| Outcome::Failed {
             status: Some(status),
             reason,
-            body: body.clone(),
+            body: text(),
             retryable: false,
             destination,
             attempts: attempt,
@@ -309,7 +317,7 @@ impl Sender {
         match Decision::for_answer(answered) {
             Decision::Deliver => Attempt::Done(Outcome::Delivered { status, attempts: attempt }),
             Decision::Retry { reason, wait } => {
-                Attempt::Retry { status: Some(status), reason, body, wait, unresolved: false }
+                Attempt::Retry { status: Some(status), reason, body: text(), wait, unresolved: false }
             }
             Decision::RejectRecord { reason } => Attempt::Done(failed(reason, false)),
             Decision::RejectDestination { reason } => Attempt::Done(failed(reason, true)),
