@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -147,7 +147,11 @@ impl Run {
         let mut local: VecDeque<Batch> = VecDeque::new();
         let mut open = true;
         let mut down_streak = 0u32;
-        let mut last_flush = Instant::now();
+        // Outcomes go back at the latest this long after the first of a
+        // chunk came (a timer, not a clock read per request).
+        let flush_due = tokio::time::sleep(RESULT_INTERVAL);
+        tokio::pin!(flush_due);
+        let mut flush_armed = false;
         // Why delivery stopped early; the requests in flight then end
         // (without further retries) and their outcomes still count.
         let mut stopped: Option<String> = None;
@@ -208,6 +212,11 @@ impl Run {
                     None
                 }
                 _ = &mut drained, if open && !draining => None,
+                _ = &mut flush_due, if flush_armed => {
+                    self.flush();
+                    flush_armed = false;
+                    None
+                }
             };
             if let Some(done) = done {
                 let refused = done.iter().find_map(|(_, o)| match o {
@@ -233,9 +242,14 @@ impl Run {
                     }
                 }
             }
-            if self.chunk.len() >= RESULT_CHUNK || (!self.chunk.is_empty() && last_flush.elapsed() >= RESULT_INTERVAL) {
+            if self.chunk.len() >= RESULT_CHUNK {
                 self.flush();
-                last_flush = Instant::now();
+            }
+            if self.chunk.is_empty() {
+                flush_armed = false;
+            } else if !flush_armed {
+                flush_due.as_mut().reset(tokio::time::Instant::now() + RESULT_INTERVAL);
+                flush_armed = true;
             }
         }
     }

@@ -80,6 +80,22 @@ impl std::fmt::Debug for TimedSignature {
 struct Route {
     method: Method,
     url: UrlTemplate,
+    /// The URL and request target, when they are the same for every
+    /// record (no placeholders): made once, not per request.
+    fixed: Option<(String, http::Uri)>,
+}
+
+impl Route {
+    fn new(method: Method, url: UrlTemplate) -> Route {
+        let fixed = match url.columns().next() {
+            Some(_) => None,
+            None => url.render(&serde_json::Map::new(), &[]).ok().and_then(|url| {
+                let target = origin_form(&url).ok()?;
+                Some((url, target))
+            }),
+        };
+        Route { method, url, fixed }
+    }
 }
 
 #[derive(Clone)]
@@ -131,7 +147,7 @@ impl Destination {
                 reason,
             })
         };
-        let base = Route { method: config.method, url: template("url", &config.url)? };
+        let base = Route::new(config.method, template("url", &config.url)?);
         let mut routes = [base.clone(), base.clone(), base];
         for (i, (name, over)) in
             [("on_added", &config.on_added), ("on_changed", &config.on_changed), ("on_removed", &config.on_removed)]
@@ -143,7 +159,7 @@ impl Destination {
                     routes[i].method = m;
                 }
                 if let Some(u) = &over.url {
-                    routes[i].url = template(&format!("{name}.url"), u)?;
+                    routes[i] = Route::new(routes[i].method, template(&format!("{name}.url"), u)?);
                 }
             }
         }
@@ -265,10 +281,15 @@ impl Destination {
             })
             .collect();
         let mut headers = self.headers.clone();
-        let (url, body) = if route.method == Method::Get {
+        let addressed = |params: &[(String, String)]| -> Result<(String, http::Uri), String> {
+            let url = route.url.render(&first.route, params)?;
+            let target = origin_form(&url)?;
+            Ok((url, target))
+        };
+        let ((url, target), body) = if route.method == Method::Get {
             let mut params = params;
             params.extend(flatten(&encoder.value(first), &self.separator));
-            (route.url.render(&first.route, &params)?, bytes::Bytes::new())
+            (addressed(&params)?, bytes::Bytes::new())
         } else {
             let body = match array {
                 Some(body) => body,
@@ -285,9 +306,12 @@ impl Destination {
                     gzip(&body)
                 }
             };
-            (route.url.render(&first.route, &params)?, bytes::Bytes::from(body))
+            let address = match &route.fixed {
+                Some(fixed) if params.is_empty() => fixed.clone(),
+                _ => addressed(&params)?,
+            };
+            (address, bytes::Bytes::from(body))
         };
-        let target = origin_form(&url)?;
         let single = self.batch_size == 1;
         if single {
             headers.append(IDEMPOTENCY_KEY, text_value(first.message_id.clone()));

@@ -94,6 +94,9 @@ struct Inner {
     limiter: Option<Limiter>,
     transport: Arc<dyn Transport>,
     origins: Mutex<Vec<Arc<Origin>>>,
+    /// Whether `http://` goes over HTTP/1.1 (HTTP/2 is spoken there only
+    /// when asked for: `http2: always`).
+    plain_is_http1: bool,
 }
 
 /// Where requests of one scheme, host and port go.
@@ -106,6 +109,10 @@ struct Origin {
     authority: http::uri::Authority,
     /// `Authorization: Basic …` from credentials written in the URL.
     auth: Option<http::HeaderValue>,
+    /// `Host`, made once, for origins certainly spoken to in HTTP/1.1
+    /// (the client would make it for each request; HTTP/2 carries the
+    /// authority instead, and is left to the client).
+    host: Option<http::HeaderValue>,
 }
 
 impl Origin {
@@ -128,6 +135,9 @@ impl Origin {
             && !headers.contains_key(http::header::AUTHORIZATION)
         {
             headers.insert(http::header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(host) = &self.host {
+            headers.insert(http::header::HOST, host.clone());
         }
         let method = match request.method {
             Method::Get => http::Method::GET,
@@ -181,6 +191,7 @@ impl Sender {
                 limiter,
                 transport,
                 origins: Mutex::new(Vec::new()),
+                plain_is_http1: config.http2 != crate::transport::Http2::Always,
             }),
             stop: Default::default(),
             observer: None,
@@ -352,11 +363,16 @@ impl Sender {
             value.set_sensitive(true);
             value
         });
+        let https = parsed.scheme() == "https";
+        let host = (!https && self.inner.plain_is_http1)
+            .then(|| http::HeaderValue::try_from(authority.as_str()).map_err(|e| format!("bad URL: {e}")))
+            .transpose()?;
         let origin = Arc::new(Origin {
             prefix: prefix.to_string(),
-            scheme: if parsed.scheme() == "https" { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP },
+            scheme: if https { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP },
             authority: authority.parse().map_err(|e| format!("bad URL: {e}"))?,
             auth,
+            host,
         });
         origins.push(origin.clone());
         Ok(origin)

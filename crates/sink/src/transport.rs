@@ -210,6 +210,7 @@ impl HyperTransport {
             proxy: proxy.clone(),
             connect_timeout: config.connect_timeout,
             http2: config.http2,
+            aged: config.max_lifetime.is_some(),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -469,6 +470,9 @@ struct Connector {
     proxy: Option<Arc<Matcher>>,
     connect_timeout: Duration,
     http2: Http2,
+    /// Whether connections say when they were opened (with a maximum
+    /// lifetime only: it costs each answer an extension).
+    aged: bool,
 }
 
 impl Service<Uri> for Connector {
@@ -517,7 +521,7 @@ impl Connector {
         };
         let tcp = tcp.into_inner();
         if !https {
-            return Ok(Conn::new(Stream::Plain(tcp), proxied, false));
+            return Ok(Conn::new(Stream::Plain(tcp), proxied, false, self.aged));
         }
         let host = dst.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone())
@@ -538,7 +542,7 @@ impl Connector {
                 "the receiver does not offer HTTP/2 (`http2: always`); set `http2: auto`".into(),
             ));
         }
-        Ok(Conn::new(Stream::Tls(Box::new(stream), TlsRefusal::default()), false, h2))
+        Ok(Conn::new(Stream::Tls(Box::new(stream), TlsRefusal::default()), false, h2, self.aged))
     }
 }
 
@@ -729,12 +733,13 @@ struct Conn {
     io: TokioIo<Stream>,
     proxied: bool,
     h2: bool,
-    born: Instant,
+    /// When it was opened, if its age is watched.
+    born: Option<Instant>,
 }
 
 impl Conn {
-    fn new(stream: Stream, proxied: bool, h2: bool) -> Conn {
-        Conn { io: TokioIo::new(stream), proxied, h2, born: Instant::now() }
+    fn new(stream: Stream, proxied: bool, h2: bool, aged: bool) -> Conn {
+        Conn { io: TokioIo::new(stream), proxied, h2, born: aged.then(Instant::now) }
     }
 }
 
@@ -754,7 +759,10 @@ impl Conn {
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        let mut connected = Connected::new().proxy(self.proxied).extra(Born(self.born));
+        let mut connected = Connected::new().proxy(self.proxied);
+        if let Some(born) = self.born {
+            connected = connected.extra(Born(born));
+        }
         if let Stream::Tls(_, refusal) = self.io.inner() {
             connected = connected.extra(refusal.clone());
         }
