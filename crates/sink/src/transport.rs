@@ -138,6 +138,9 @@ pub struct TransportConfig {
 #[derive(Clone)]
 pub struct HyperTransport {
     client: Client<Connector, Full<Bytes>>,
+    /// Kept HTTP/1.1 connections to `http://` origins reached without a
+    /// proxy, used by one request at a time (`None` with `http2: always`).
+    direct: Option<Arc<Direct>>,
     connector: Connector,
     proxy: Option<Arc<Matcher>>,
     max_lifetime: Option<Duration>,
@@ -217,8 +220,17 @@ impl HyperTransport {
             .pool_idle_timeout(config.idle_timeout)
             .http2_only(config.http2 == Http2::Always)
             .build(connector.clone());
+        let direct = (config.http2 != Http2::Always).then(|| {
+            Arc::new(Direct {
+                idle: Default::default(),
+                idle_timeout: config.idle_timeout,
+                max_lifetime: config.max_lifetime,
+                reaping: Default::default(),
+            })
+        });
         Ok(HyperTransport {
             client,
+            direct,
             connector,
             proxy,
             max_lifetime: config.max_lifetime,
@@ -238,6 +250,12 @@ impl HyperTransport {
             parts.headers.insert(http::header::PROXY_AUTHORIZATION, auth);
         }
         let mut request = http::Request::from_parts(parts, Full::new(body));
+        if let Some(direct) = &self.direct
+            && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+            && self.proxy.as_ref().is_none_or(|m| m.intercept(request.uri()).is_none())
+        {
+            return self.exchange_direct(direct, request, body_prefix).await;
+        }
         let captured = self.max_lifetime.map(|_| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let https = request.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
         let response = match self.client.request(request).await {
@@ -251,28 +269,176 @@ impl HyperTransport {
         {
             connected.poison();
         }
-        let (head, mut body) = response.into_parts();
-        let mut kept = Vec::new();
-        let mut read = 0usize;
-        let body = loop {
-            match body.frame().await {
-                None => break Ok(Bytes::from(kept)),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        read += data.len();
-                        let room = body_prefix.saturating_sub(kept.len());
-                        kept.extend_from_slice(&data[..data.len().min(room)]);
-                        // A long answer is not read to its end: the
-                        // connection is closed instead of kept.
-                        if read > DRAIN_MAX {
-                            break Ok(Bytes::from(kept));
-                        }
+        let (head, body) = response.into_parts();
+        let (body, _) = read_body(body, body_prefix).await;
+        Ok(Reply { status: head.status.as_u16(), headers: head.headers, body })
+    }
+
+    /// The exchange on a kept HTTP/1.1 connection of `direct` (or a new
+    /// one), owned by this request until its answer is read: no pool
+    /// lookup by hash, no connection future raced against the checkout.
+    async fn exchange_direct(
+        &self,
+        direct: &Arc<Direct>,
+        request: http::Request<Full<Bytes>>,
+        body_prefix: usize,
+    ) -> Result<Reply, TransportError> {
+        let origin = request.uri().clone();
+        let authority =
+            origin.authority().cloned().ok_or_else(|| TransportError::Invalid("the URL has no host".into()))?;
+        let (mut parts, body) = request.into_parts();
+        parts.uri = match parts.uri.path_and_query() {
+            Some(target) => Uri::from(target.clone()),
+            None => Uri::from_static("/"),
+        };
+        let mut request = http::Request::from_parts(parts, body);
+        let (response, kept) = loop {
+            let (mut kept, reused) = match direct.checkout(&authority) {
+                Some(kept) => (kept, true),
+                None => (self.connect_direct(&origin).await?, false),
+            };
+            match kept.sender.try_send_request(request).await {
+                Ok(response) => break (response, kept),
+                Err(mut e) => match e.take_message() {
+                    // A kept connection the receiver closed before it took
+                    // the request: sent again on another.
+                    Some(again) if reused => request = again,
+                    _ => {
+                        return Err(TransportError::Failed(format!(
+                            "request failed: {}",
+                            error_chain(&e.into_error())
+                        )));
                     }
-                }
-                Some(Err(e)) => break Err(error_chain(&e)),
+                },
             }
         };
+        let (head, body) = response.into_parts();
+        let (body, whole) = read_body(body, body_prefix).await;
+        if whole && body.is_ok() {
+            direct.checkin(authority, kept);
+        }
         Ok(Reply { status: head.status.as_u16(), headers: head.headers, body })
+    }
+
+    /// A new HTTP/1.1 connection to `origin`, its connection driven by a
+    /// task of its own until it closes.
+    async fn connect_direct(&self, origin: &Uri) -> Result<Kept, TransportError> {
+        let conn = self.connector.clone().call(origin.clone()).await.map_err(|e| e.0)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(conn)
+            .await
+            .map_err(|e| TransportError::Failed(format!("could not connect to the receiver: {}", error_chain(&e))))?;
+        tokio::spawn(async move {
+            // Its errors reach the request that was using it.
+            let _ = connection.await;
+        });
+        Ok(Kept { sender, born: Instant::now(), since: Instant::now() })
+    }
+}
+
+/// Reads an answer's body, keeping its first `body_prefix` bytes; says
+/// whether it was read to its end (a long one is not: its connection is
+/// closed instead of kept).
+async fn read_body(mut body: hyper::body::Incoming, body_prefix: usize) -> (Result<Bytes, String>, bool) {
+    if hyper::body::Body::is_end_stream(&body) {
+        return (Ok(Bytes::new()), true);
+    }
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    loop {
+        match body.frame().await {
+            None => return (Ok(Bytes::from(kept)), true),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    read += data.len();
+                    let room = body_prefix.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                    if read > DRAIN_MAX {
+                        return (Ok(Bytes::from(kept)), false);
+                    }
+                }
+            }
+            Some(Err(e)) => return (Err(error_chain(&e)), false),
+        }
+    }
+}
+
+/// Kept HTTP/1.1 connections, per origin.
+#[derive(Debug)]
+struct Direct {
+    idle: std::sync::Mutex<Vec<(http::uri::Authority, Vec<Kept>)>>,
+    idle_timeout: Duration,
+    max_lifetime: Option<Duration>,
+    /// Whether a task closes idle connections as their time runs out.
+    reaping: std::sync::atomic::AtomicBool,
+}
+
+/// A kept connection.
+#[derive(Debug)]
+struct Kept {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    /// When it was opened…
+    born: Instant,
+    /// … and when it was last put back.
+    since: Instant,
+}
+
+impl Direct {
+    /// The most recently used connection to `authority` that can take a
+    /// request now; those closed, idle too long or too old are dropped
+    /// (which closes them).
+    fn checkout(&self, authority: &http::uri::Authority) -> Option<Kept> {
+        let mut idle = self.idle.lock().expect("idle connections lock");
+        let (_, kept) = idle.iter_mut().find(|(a, _)| a == authority)?;
+        while let Some(k) = kept.pop() {
+            let expired =
+                k.since.elapsed() >= self.idle_timeout || self.max_lifetime.is_some_and(|max| k.born.elapsed() >= max);
+            if !expired && k.sender.is_ready() {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    /// Puts a connection back once its answer was read, and makes sure a
+    /// task closes it if it stays idle past the idle timeout.
+    fn checkin(self: &Arc<Self>, authority: http::uri::Authority, mut kept: Kept) {
+        if self.max_lifetime.is_some_and(|max| kept.born.elapsed() >= max) {
+            return;
+        }
+        kept.since = Instant::now();
+        {
+            let mut idle = self.idle.lock().expect("idle connections lock");
+            match idle.iter_mut().find(|(a, _)| *a == authority) {
+                Some((_, list)) => list.push(kept),
+                None => idle.push((authority, vec![kept])),
+            }
+        }
+        if !self.reaping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tokio::spawn(Direct::reap(Arc::downgrade(self)));
+        }
+    }
+
+    /// Closes idle connections as their idle time runs out, until none is
+    /// left (or the transport is gone).
+    async fn reap(direct: std::sync::Weak<Direct>) {
+        let mut wait = direct.upgrade().map_or(Duration::ZERO, |d| d.idle_timeout);
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(direct) = direct.upgrade() else { return };
+            let mut idle = direct.idle.lock().expect("idle connections lock");
+            for (_, list) in idle.iter_mut() {
+                list.retain(|k| k.since.elapsed() < direct.idle_timeout);
+            }
+            idle.retain(|(_, list)| !list.is_empty());
+            // The next connection to run out of time.
+            match idle.iter().flat_map(|(_, list)| list).map(|k| k.since).min() {
+                Some(oldest) => wait = (oldest + direct.idle_timeout).saturating_duration_since(Instant::now()),
+                None => {
+                    direct.reaping.store(false, std::sync::atomic::Ordering::Release);
+                    return;
+                }
+            }
+        }
     }
 }
 

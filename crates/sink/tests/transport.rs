@@ -340,3 +340,73 @@ fn kept_connections_end_after_their_idle_timeout_and_their_maximum_lifetime() {
     let used = connections_used(&r, &aged, 6, Duration::from_millis(100));
     assert!((2..=3).contains(&used), "{used} connections for 6 requests");
 }
+
+#[test]
+fn a_receiver_that_drops_kept_connections_gets_every_record_once() {
+    // Answers one request per connection, claiming keep-alive, then closes.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let port = raw_server({
+        let seen = seen.clone();
+        move |mut s| {
+            let head = read_head(&mut s);
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            if s.read_exact(&mut body).is_ok() {
+                seen.lock().unwrap().push(serde_json::from_slice::<Value>(&body).unwrap()["id"].as_u64().unwrap());
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            }
+        }
+    });
+    // A request written to a connection in the instant the receiver closes
+    // it fails (as with any HTTP/1.1 client) and is retried: the receiver
+    // never read it, so it still arrives once.
+    let c = config(
+        &format!("http://127.0.0.1:{port}/hook"),
+        json!({"retry": {"attempts": 4, "backoff": "10ms", "max_backoff": "50ms"}}),
+    );
+    let out = deliver(&c, 30);
+    assert!(delivered(&out), "{out:?}");
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=30).collect::<Vec<u64>>(), "each record arrived once");
+}
+
+#[test]
+fn an_idle_kept_connection_is_closed_after_its_idle_timeout_while_nothing_is_sent() {
+    // Reports how long each connection stayed open after its answer.
+    let (closed_tx, closed) = std::sync::mpsc::channel::<Duration>();
+    let closed_tx = std::sync::Mutex::new(closed_tx);
+    let port = raw_server(move |mut s| {
+        read_head(&mut s);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        let answered = Instant::now();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        // The request's body, then the end of the connection (or 5 s).
+        let mut rest = [0u8; 4096];
+        while s.read(&mut rest).is_ok_and(|n| n > 0) {}
+        let _ = closed_tx.lock().unwrap().send(answered.elapsed());
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let open_after = |idle_timeout: &str| {
+        let c = config(&format!("http://127.0.0.1:{port}/hook"), json!({"idle_timeout": idle_timeout}));
+        let destination = Destination::new(&c, &Env::default()).unwrap();
+        let sender = Sender::new(&c, &Env::default(), Path::new(".")).unwrap();
+        runtime.block_on(async {
+            let out = destination.deliver(&sender, vec![record(1)], &ctx()).await;
+            assert!(out[0].1.is_delivered(), "{out:?}");
+        });
+        // The sender (and its kept connection) lives on, sending nothing.
+        let open = closed.recv_timeout(Duration::from_secs(10)).expect("the connection ended");
+        drop(sender);
+        open
+    };
+    let open = open_after("200ms");
+    assert!(open >= Duration::from_millis(150) && open < Duration::from_secs(2), "closed after {open:?}");
+    let open = open_after("30s");
+    assert!(open >= Duration::from_secs(4), "kept while within its idle timeout, closed after {open:?}");
+}
