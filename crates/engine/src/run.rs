@@ -660,7 +660,7 @@ impl Engine {
         let mut page_size = least;
         // Three stages, each on its own thread: this one reads outbox pages
         // and commits acks; an encoding thread turns pages into requests
-        // (message ids, bodies, signatures); a spawned task keeps
+        // (message ids, bodies, signatures); the sink driver's task keeps
         // `concurrency` requests in flight. Requests cross in chunks and
         // results come back in chunks: no stage is woken per request.
         let (pages, page_rx) = tokio::sync::mpsc::channel::<Vec<OutboxRow>>(2);

@@ -96,7 +96,7 @@ impl Driver {
         self.drain.cancel();
     }
 
-    /// Waits until every request task has ended; says why delivery stopped
+    /// Waits until every request has ended or been dropped; says why delivery stopped
     /// early, if it did.
     pub async fn finish(self) -> Option<String> {
         let Driver { task, guard, .. } = self;

@@ -362,7 +362,8 @@ async fn read_body(mut body: hyper::body::Incoming, body_prefix: usize) -> (Resu
     }
 }
 
-/// Kept HTTP/1.1 connections, per origin.
+/// Kept HTTP/1.1 connections, per origin (its authority compared exactly:
+/// the sender writes each origin's the same way, host names lowercased).
 #[derive(Debug)]
 struct Direct {
     idle: std::sync::Mutex<Vec<(http::uri::Authority, Vec<Kept>)>>,
@@ -388,7 +389,7 @@ impl Direct {
     /// (which closes them).
     fn checkout(&self, authority: &http::uri::Authority) -> Option<Kept> {
         let mut idle = self.idle.lock().expect("idle connections lock");
-        let (_, kept) = idle.iter_mut().find(|(a, _)| a == authority)?;
+        let (_, kept) = idle.iter_mut().find(|(a, _)| a.as_str() == authority.as_str())?;
         while let Some(k) = kept.pop() {
             let expired =
                 k.since.elapsed() >= self.idle_timeout || self.max_lifetime.is_some_and(|max| k.born.elapsed() >= max);
@@ -408,7 +409,7 @@ impl Direct {
         kept.since = Instant::now();
         {
             let mut idle = self.idle.lock().expect("idle connections lock");
-            match idle.iter_mut().find(|(a, _)| *a == authority) {
+            match idle.iter_mut().find(|(a, _)| a.as_str() == authority.as_str()) {
                 Some((_, list)) => list.push(kept),
                 None => idle.push((authority, vec![kept])),
             }
