@@ -10,8 +10,8 @@
 use crate::request::{Batch, Destination};
 use crate::{MetaContext, Outcome, Sender};
 use backflow_core::Record;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -109,8 +109,8 @@ impl Driver {
     }
 }
 
-/// A request in flight: its records' outcomes when it ends.
-type InFlight = Pin<Box<dyn Future<Output = Vec<(Record, Outcome)>> + Send>>;
+/// A request in flight: its records' outcomes when it ends (or its panic).
+type InFlight = Pin<Box<dyn Future<Output = std::thread::Result<Vec<(Record, Outcome)>>> + Send>>;
 
 /// The driver's task.
 struct Run {
@@ -177,7 +177,9 @@ impl Run {
             while !draining && self.in_flight.len() < n.concurrency {
                 let Some(batch) = local.pop_front() else { break };
                 let n = n.clone();
-                self.in_flight.push(Box::pin(async move { n.destination.send(&n.sender, batch, &n.ctx).await }));
+                let request = async move { n.destination.send(&n.sender, batch, &n.ctx).await };
+                // A request that panics stops delivery, not the others' outcomes.
+                self.in_flight.push(Box::pin(std::panic::AssertUnwindSafe(request).catch_unwind()));
             }
             if self.in_flight.is_empty() {
                 self.flush();
@@ -219,6 +221,13 @@ impl Run {
                 }
             };
             if let Some(done) = done {
+                let Ok(done) = done else {
+                    stopped.get_or_insert_with(|| {
+                        "stopped early: a request failed inside Backflow (it panicked); the rest stays pending".into()
+                    });
+                    self.drain.cancel();
+                    continue;
+                };
                 let refused = done.iter().find_map(|(_, o)| match o {
                     Outcome::Failed { destination: true, reason, .. } => Some(reason.clone()),
                     _ => None,

@@ -291,12 +291,26 @@ impl HyperTransport {
             Some(target) => Uri::from(target.clone()),
             None => Uri::from_static("/"),
         };
+        if !parts.headers.contains_key(http::header::HOST) {
+            // hyper's connection API writes no `Host` of its own.
+            let host = http::HeaderValue::from_str(authority.as_str())
+                .map_err(|e| TransportError::Invalid(format!("bad URL: {e}")))?;
+            parts.headers.insert(http::header::HOST, host);
+        }
         let mut request = http::Request::from_parts(parts, body);
         let (response, kept) = loop {
             let (mut kept, reused) = match direct.checkout(&authority) {
                 Some(kept) => (kept, true),
                 None => (self.connect_direct(&origin).await?, false),
             };
+            // Ready once its last answer is wholly read; closed meanwhile,
+            // another is taken.
+            if kept.sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(TransportError::Failed("the receiver closed the connection at once".into()));
+            }
             match kept.sender.try_send_request(request).await {
                 Ok(response) => break (response, kept),
                 Err(mut e) => match e.take_message() {
@@ -312,6 +326,7 @@ impl HyperTransport {
                 },
             }
         };
+        self.answered.store(true, std::sync::atomic::Ordering::Relaxed);
         let (head, body) = response.into_parts();
         let (body, whole) = read_body(body, body_prefix).await;
         if whole && body.is_ok() {
@@ -384,16 +399,16 @@ struct Kept {
 }
 
 impl Direct {
-    /// The most recently used connection to `authority` that can take a
-    /// request now; those closed, idle too long or too old are dropped
-    /// (which closes them).
+    /// The most recently used connection to `authority` that is still
+    /// open; those closed, idle too long or too old are dropped (which
+    /// closes them).
     fn checkout(&self, authority: &http::uri::Authority) -> Option<Kept> {
         let mut idle = self.idle.lock().expect("idle connections lock");
         let (_, kept) = idle.iter_mut().find(|(a, _)| a.as_str() == authority.as_str())?;
         while let Some(k) = kept.pop() {
             let expired =
                 k.since.elapsed() >= self.idle_timeout || self.max_lifetime.is_some_and(|max| k.born.elapsed() >= max);
-            if !expired && k.sender.is_ready() {
+            if !expired && !k.sender.is_closed() {
                 return Some(k);
             }
         }
@@ -422,6 +437,17 @@ impl Direct {
     /// Closes idle connections as their idle time runs out, until none is
     /// left (or the transport is gone).
     async fn reap(direct: std::sync::Weak<Direct>) {
+        /// Lets a later checkin start another reaper should this one be
+        /// dropped on its way (its runtime shut down).
+        struct Stopped(Option<std::sync::Weak<Direct>>);
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                if let Some(direct) = self.0.take().and_then(|d| d.upgrade()) {
+                    direct.reaping.store(false, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
+        let mut stopped = Stopped(Some(direct.clone()));
         let mut wait = direct.upgrade().map_or(Duration::ZERO, |d| d.idle_timeout);
         loop {
             tokio::time::sleep(wait).await;
@@ -431,11 +457,16 @@ impl Direct {
                 list.retain(|k| k.since.elapsed() < direct.idle_timeout);
             }
             idle.retain(|(_, list)| !list.is_empty());
-            // The next connection to run out of time.
-            match idle.iter().flat_map(|(_, list)| list).map(|k| k.since).min() {
-                Some(oldest) => wait = (oldest + direct.idle_timeout).saturating_duration_since(Instant::now()),
+            // The next connection to run out of time (none, with an idle
+            // timeout too long to reach).
+            let next = idle.iter().flat_map(|(_, list)| list).map(|k| k.since).min();
+            match next.and_then(|oldest| oldest.checked_add(direct.idle_timeout)) {
+                Some(at) => wait = at.saturating_duration_since(Instant::now()),
                 None => {
+                    // Cleared under the lock: a checkin after it starts a
+                    // new reaper.
                     direct.reaping.store(false, std::sync::atomic::Ordering::Release);
+                    stopped.0 = None;
                     return;
                 }
             }
