@@ -95,9 +95,9 @@ pub struct DestinationConfig {
     /// A kept connection idle this long is closed (default `90s`).
     #[serde(default = "idle_timeout")]
     pub idle_timeout: Duration,
-    /// A kept connection older than this is retired after the answer that
-    /// finds it so (default: no limit). Useful behind load balancers that
-    /// move receivers.
+    /// A kept connection older than this is not used again (default: no
+    /// limit; over HTTPS, HTTP/2 or a proxy it is retired after the answer
+    /// that finds it so). Useful behind load balancers that move receivers.
     #[serde(default)]
     pub max_lifetime: Option<Duration>,
 }
