@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -47,7 +48,26 @@ pub struct Driver {
     task: tokio::task::JoinHandle<Option<String>>,
     cancel: CancellationToken,
     guard: tokio_util::sync::DropGuard,
-    drain: CancellationToken,
+    drain: Drain,
+}
+
+/// The drain token, with a flag the driver reads each turn without the
+/// token's lock.
+#[derive(Debug, Clone, Default)]
+struct Drain {
+    token: CancellationToken,
+    asked: Arc<AtomicBool>,
+}
+
+impl Drain {
+    fn ask(&self) {
+        self.asked.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+    }
 }
 
 /// Requests handed back in a chunk at most, or after [`RESULT_INTERVAL`].
@@ -61,9 +81,9 @@ impl Driver {
     pub fn start(mut delivery: Delivery, queue: mpsc::Receiver<Vec<Batch>>) -> (Driver, Results) {
         let (results_tx, results) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let drain = CancellationToken::new();
+        let drain = Drain::default();
         // Once draining, failed requests are not retried.
-        delivery.sender = delivery.sender.stopping_on(drain.clone());
+        delivery.sender = delivery.sender.stopping_on(drain.token.clone());
         let run = Run {
             n: Arc::new(delivery),
             queue,
@@ -71,7 +91,7 @@ impl Driver {
             cancel: cancel.clone(),
             drain: drain.clone(),
             in_flight: FuturesUnordered::new(),
-            chunk: Vec::new(),
+            chunk: Vec::with_capacity(RESULT_CHUNK),
         };
         (
             Driver {
@@ -93,7 +113,7 @@ impl Driver {
     /// Stops starting requests; those in flight end as they would (their
     /// outcomes still come back).
     pub fn drain(&self) {
-        self.drain.cancel();
+        self.drain.ask();
     }
 
     /// Waits until every request has ended or been dropped; says why delivery stopped
@@ -118,7 +138,7 @@ struct Run {
     queue: mpsc::Receiver<Vec<Batch>>,
     results: mpsc::UnboundedSender<Vec<(Record, Outcome)>>,
     cancel: CancellationToken,
-    drain: CancellationToken,
+    drain: Drain,
     in_flight: FuturesUnordered<InFlight>,
     chunk: Vec<(Record, Outcome)>,
 }
@@ -156,12 +176,12 @@ impl Run {
         // (without further retries) and their outcomes still count.
         let mut stopped: Option<String> = None;
         // One wait for the drain, made once: a token's wait takes its lock.
-        let drained = self.drain.clone().cancelled_owned();
+        let drained = self.drain.token.clone().cancelled_owned();
         tokio::pin!(drained);
         loop {
-            // Read once a turn (the token's state sits behind a lock); a
-            // drain asked for during the turn is seen at the next.
-            let draining = self.drain.is_cancelled();
+            // Read once a turn; a drain asked for during the turn is seen
+            // at the next.
+            let draining = self.drain.asked();
             if draining && open {
                 open = false;
                 local.clear();
@@ -225,7 +245,7 @@ impl Run {
                     stopped.get_or_insert_with(|| {
                         "stopped early: a request failed inside Backflow (it panicked); the rest stays pending".into()
                     });
-                    self.drain.cancel();
+                    self.drain.ask();
                     continue;
                 };
                 let refused = done.iter().find_map(|(_, o)| match o {
@@ -247,7 +267,7 @@ impl Run {
                     if stopped.is_some() {
                         // Nothing more is started; those in flight end
                         // without further retries.
-                        self.drain.cancel();
+                        self.drain.ask();
                     }
                 }
             }
@@ -265,7 +285,9 @@ impl Run {
 
     fn flush(&mut self) {
         if !self.chunk.is_empty() {
-            let _ = self.results.send(std::mem::take(&mut self.chunk));
+            // The next chunk is made whole at once, not grown record by record.
+            let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(RESULT_CHUNK));
+            let _ = self.results.send(chunk);
         }
     }
 }

@@ -422,7 +422,15 @@ impl Destination {
             }
             return out;
         }
-        records.into_iter().map(|r| (r, outcome.clone())).collect()
+        let mut records = records;
+        match records.pop() {
+            Some(last) if records.is_empty() => vec![(last, outcome)],
+            last => {
+                let mut out: Vec<_> = records.into_iter().map(|r| (r, outcome.clone())).collect();
+                out.extend(last.map(|r| (r, outcome)));
+                out
+            }
+        }
     }
 }
 

@@ -301,7 +301,9 @@ impl HyperTransport {
         let (response, kept) = loop {
             let (mut kept, reused) = match direct.checkout(&authority) {
                 Some(kept) => (kept, true),
-                None => (self.connect_direct(&origin).await?, false),
+                // Boxed: opening a connection is rare, and its state would
+                // otherwise size (and be copied with) every request's future.
+                None => (Box::pin(self.connect_direct(&origin)).await?, false),
             };
             // Ready once its last answer is wholly read; closed meanwhile,
             // another is taken.
