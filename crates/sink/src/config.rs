@@ -96,8 +96,8 @@ pub struct DestinationConfig {
     #[serde(default = "idle_timeout")]
     pub idle_timeout: Duration,
     /// A kept connection older than this is not used again (default: no
-    /// limit; over HTTPS, HTTP/2 or a proxy it is retired after the answer
-    /// that finds it so). Useful behind load balancers that move receivers.
+    /// limit; requests already on it finish). Useful behind load balancers
+    /// that move receivers.
     #[serde(default)]
     pub max_lifetime: Option<Duration>,
 }

@@ -264,10 +264,9 @@ impl HyperTransport {
         };
         self.answered.store(true, std::sync::atomic::Ordering::Relaxed);
         if let (Some(max), Some(captured)) = (self.max_lifetime, captured)
-            && response.extensions().get::<Born>().is_some_and(|born| born.0.elapsed() >= max)
-            && let Some(connected) = captured.connection_metadata().as_ref()
+            && let Some(born) = response.extensions().get::<Born>()
         {
-            connected.poison();
+            born.retire_after(max, captured);
         }
         let (head, body) = response.into_parts();
         let (body, _) = read_body(body, body_prefix).await;
@@ -849,9 +848,36 @@ impl Service<Name> for Resolver {
     }
 }
 
-/// When a connection was opened (an extra of its answers).
-#[derive(Debug, Clone, Copy)]
-struct Born(Instant);
+/// When a connection was opened (an extra of its answers), and whether a
+/// timer retires it at its maximum lifetime.
+#[derive(Debug, Clone)]
+struct Born {
+    at: Instant,
+    timed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Born {
+    /// Retires the pooled connection `captured` (one that answered) once it
+    /// is `max` old: at once if it is, else by a timer its first answer
+    /// starts. The pool has no hook where it hands a connection out, and
+    /// the pool's poison keeps it from handing this one out again.
+    fn retire_after(&self, max: Duration, captured: hyper_util::client::legacy::connect::CaptureConnection) {
+        let retire = move |captured: &hyper_util::client::legacy::connect::CaptureConnection| {
+            if let Some(connected) = captured.connection_metadata().as_ref() {
+                connected.poison();
+            }
+        };
+        let left = max.saturating_sub(self.at.elapsed());
+        if left.is_zero() {
+            retire(&captured);
+        } else if !self.timed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tokio::spawn(async move {
+                tokio::time::sleep(left).await;
+                retire(&captured);
+            });
+        }
+    }
+}
 
 /// What TLS refused on a connection after its handshake (in TLS 1.3 a
 /// receiver refuses a client certificate by an alert then), kept for the
@@ -934,12 +960,13 @@ struct Conn {
     proxied: bool,
     h2: bool,
     /// When it was opened, if its age is watched.
-    born: Option<Instant>,
+    born: Option<Born>,
 }
 
 impl Conn {
     fn new(stream: Stream, proxied: bool, h2: bool, aged: bool) -> Conn {
-        Conn { io: TokioIo::new(stream), proxied, h2, born: aged.then(Instant::now) }
+        let born = aged.then(|| Born { at: Instant::now(), timed: Default::default() });
+        Conn { io: TokioIo::new(stream), proxied, h2, born }
     }
 }
 
@@ -960,8 +987,8 @@ impl Conn {
 impl Connection for Conn {
     fn connected(&self) -> Connected {
         let mut connected = Connected::new().proxy(self.proxied);
-        if let Some(born) = self.born {
-            connected = connected.extra(Born(born));
+        if let Some(born) = &self.born {
+            connected = connected.extra(born.clone());
         }
         if let Stream::Tls(_, refusal) = self.io.inner() {
             connected = connected.extra(refusal.clone());
