@@ -105,6 +105,31 @@ fn plan_inspect_history_and_reset_from_the_command_line() {
 }
 
 #[test]
+fn concurrency_keeps_that_many_requests_in_flight_and_no_more() {
+    // The sink driver's shards (one per thread of the runtime) share the
+    // requests in flight: together they keep `concurrency`, never more.
+    let p = Project::new(&sync("upsert", "  concurrency: 8\n"));
+    p.sql("insert into items select range, 'n' || range, range from range(240)");
+    let stall = Duration::from_millis(40);
+    p.receiver.respond(move |_, _| Reply::Stall(stall));
+    let ran = p.backflow(&["run", "s"]);
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    let requests = p.receiver.requests();
+    let mut ids: Vec<u64> = requests.iter().map(|r| r.json()["_meta"]["key"]["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..240).collect::<Vec<u64>>(), "each row once");
+    // In flight when a request arrived: those that arrived within the
+    // stall before it (each is answered a stall after it arrived).
+    let mut arrived: Vec<std::time::Instant> = requests.iter().map(|r| r.arrived).collect();
+    arrived.sort_unstable();
+    let most = (0..arrived.len())
+        .map(|i| arrived[..=i].iter().filter(|a| arrived[i].duration_since(**a) < stall * 9 / 10).count())
+        .max()
+        .unwrap();
+    assert!((7..=8).contains(&most), "{most} requests in flight at most, with concurrency 8");
+}
+
+#[test]
 fn a_second_concurrent_run_is_refused() {
     let p = Project::new(&sync("upsert", "  concurrency: 1\n"));
     p.sql("insert into items select range, 'x', 0 from range(20)");
