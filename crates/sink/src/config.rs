@@ -82,11 +82,12 @@ pub struct DestinationConfig {
     /// or `never` (HTTP/1.1 only).
     #[serde(default)]
     pub http2: Http2,
-    /// An `http://` proxy for every request (`https` ones go through a
-    /// `CONNECT` tunnel; credentials in the URL, e.g.
-    /// `http://user:${PROXY_PASSWORD}@proxy.internal:3128`), or `none` to go
-    /// directly. Default: as `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
-    /// `NO_PROXY` say.
+    /// A proxy for every request, or `none` to go directly: `http://`
+    /// (`https` requests go through a `CONNECT` tunnel; credentials in the
+    /// URL, e.g. `http://user:${PROXY_PASSWORD}@proxy.internal:3128`) or
+    /// SOCKS5 (`socks5h://host:1080`, the proxy resolving host names;
+    /// `socks5://` resolves them here). Default: as `HTTPS_PROXY`,
+    /// `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` say.
     #[serde(default)]
     pub proxy: Option<String>,
     /// TLS settings for `https` receivers.

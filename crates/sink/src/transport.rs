@@ -4,7 +4,8 @@
 //! hyper-util's pooled client: HTTP/1.1 and HTTP/2 (by ALPN, or prior
 //! knowledge), TLS by rustls with the platform's roots plus a destination's
 //! own authority and client certificate, HTTP proxies (`CONNECT` tunnels for
-//! `https`), idle timeout and maximum lifetime of kept connections.
+//! `https`) and SOCKS5 proxies, idle timeout and maximum lifetime of kept
+//! connections.
 
 use bytes::Bytes;
 use http::Uri;
@@ -97,7 +98,8 @@ pub enum Proxy {
     /// (either case).
     #[default]
     Environment,
-    /// Through this `http://` proxy, whatever the environment says.
+    /// Through this proxy (`http://`, `socks5://` or `socks5h://`), whatever
+    /// the environment says.
     Via(String),
     /// Directly, whatever the environment says.
     None,
@@ -382,7 +384,7 @@ async fn read_body(mut body: hyper::body::Incoming, body_prefix: usize) -> (Resu
 /// the sender writes each origin's the same way, host names lowercased).
 #[derive(Debug)]
 struct Direct {
-    idle: std::sync::Mutex<Vec<(http::uri::Authority, Vec<Kept>)>>,
+    idle: std::sync::Mutex<Idle>,
     idle_timeout: Duration,
     max_lifetime: Option<Duration>,
     /// Whether a task closes idle connections as their time runs out.
@@ -398,6 +400,9 @@ struct Kept {
     /// … and when it was last put back.
     since: Instant,
 }
+
+/// Kept connections, per origin.
+type Idle = Vec<(http::uri::Authority, Vec<Kept>)>;
 
 impl Direct {
     /// The most recently used connection to `authority` that is still
@@ -582,15 +587,25 @@ fn failure(e: hyper_util::client::legacy::Error) -> TransportError {
 fn check_proxy_url(url: &str) -> Result<String, String> {
     let parsed = url::Url::parse(url)
         .map_err(|e| format!("is not a URL ({e}); write e.g. `http://user:pass@proxy.internal:3128`"))?;
-    if parsed.scheme() != "http" {
+    if !matches!(parsed.scheme(), "http" | "socks5" | "socks5h") {
         return Err(format!(
-            "`{}://…`: only `http://` proxies are supported (HTTPS requests go through them in a CONNECT tunnel); \
-             write e.g. `http://proxy.internal:3128`",
+            "`{}://…`: only `http://` proxies (HTTPS requests go through them in a CONNECT tunnel) and SOCKS5 \
+             proxies are supported; write e.g. `http://proxy.internal:3128`, or `socks5h://proxy.internal:1080` \
+             (`socks5://` to resolve host names here)",
             parsed.scheme()
         ));
     }
     if parsed.host_str().is_none() {
         return Err("the proxy URL has no host; write e.g. `http://proxy.internal:3128`".into());
+    }
+    if parsed.scheme() != "http" {
+        if parsed.port().is_none() {
+            return Err("a SOCKS proxy URL needs its port; write e.g. `socks5h://proxy.internal:1080`".into());
+        }
+        let decoded = |s: &str| percent_encoding::percent_decode_str(s).count();
+        if decoded(parsed.username()) > 255 || decoded(parsed.password().unwrap_or_default()) > 255 {
+            return Err("a SOCKS5 user name or password is at most 255 bytes".into());
+        }
     }
     Ok(parsed.into())
 }
@@ -702,14 +717,33 @@ impl Connector {
             None => (self.tcp.call(dst.clone()).await.map_err(|e| tcp_failure(&e, "the receiver"))?, false),
             Some(via) => {
                 let proxy = via.uri().clone();
-                if proxy.scheme() != Some(&http::uri::Scheme::HTTP) {
-                    return Err(TransportError::Destination(format!(
-                        "the proxy `{}` is not an `http://` proxy, the only kind supported",
-                        crate::send::origin_of(&proxy.to_string())
-                    )));
-                }
+                let socks = match proxy.scheme_str() {
+                    Some("http") => None,
+                    Some("socks5") => Some(false),
+                    Some("socks5h") => Some(true),
+                    _ => {
+                        return Err(TransportError::Destination(format!(
+                            "the proxy `{}` is of a kind not supported (only `http://`, `socks5://` and `socks5h://`)",
+                            crate::send::origin_of(&proxy.to_string())
+                        )));
+                    }
+                };
+                let proxy = match (socks, proxy.port()) {
+                    // SOCKS's own port, for a proxy from the environment
+                    // written without one.
+                    (Some(_), None) => format!("{}:1080", proxy.to_string().trim_end_matches('/'))
+                        .parse()
+                        .map_err(|e| TransportError::Destination(format!("the SOCKS proxy's URL: {e}")))?,
+                    _ => proxy,
+                };
                 let tcp = self.tcp.call(proxy).await.map_err(|e| tcp_failure(&e, "the proxy"))?;
-                if https {
+                if let Some(remote_dns) = socks {
+                    let mut tcp = tcp.into_inner();
+                    let host = dst.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+                    let port = dst.port_u16().unwrap_or(if https { 443 } else { 80 });
+                    socks5(&mut tcp, host, port, remote_dns, via.raw_auth()).await?;
+                    (TokioIo::new(tcp), false)
+                } else if https {
                     let mut tcp = tcp.into_inner();
                     tunnel(&mut tcp, &dst, via.basic_auth()).await?;
                     (TokioIo::new(tcp), false)
@@ -808,6 +842,145 @@ async fn tunnel(tcp: &mut TcpStream, dst: &Uri, auth: Option<&http::HeaderValue>
                 };
             }
         }
+    }
+}
+
+/// Asks the SOCKS5 proxy on `tcp` for a connection to `host:port` (RFC
+/// 1928; user name and password by RFC 1929), naming the host for the
+/// proxy to resolve (`remote_dns`, `socks5h://`) or giving the address
+/// resolved here (`socks5://`). Written here rather than with hyper-util's
+/// `SocksV5` for the reason [`tunnel`] is: its errors do not tell refused
+/// credentials or a destination the proxy forbids (every request would be
+/// refused the same) from a receiver it could not reach (which may
+/// recover).
+async fn socks5(
+    tcp: &mut TcpStream,
+    host: &str,
+    port: u16,
+    remote_dns: bool,
+    auth: Option<(&str, &str)>,
+) -> Result<(), TransportError> {
+    let failed =
+        |what: String| TransportError::Failed(format!("the SOCKS proxy's connection to {host}:{port} failed: {what}"));
+    let io = |e: io::Error| failed(e.to_string());
+    let not_socks = || TransportError::Destination("the proxy does not answer as a SOCKS5 proxy".into());
+    // Without credentials, or with them (RFC 1929) if asked for.
+    let methods: &[u8] = if auth.is_some() { &[5, 2, 0, 2] } else { &[5, 1, 0] };
+    tcp.write_all(methods).await.map_err(io)?;
+    let mut chosen = [0u8; 2];
+    tcp.read_exact(&mut chosen).await.map_err(io)?;
+    if chosen[0] != 5 {
+        return Err(not_socks());
+    }
+    match (chosen[1], auth) {
+        (0, _) => {}
+        (2, Some((user, password))) => {
+            // Lengths are checked when the proxy URL is read; one from the
+            // environment is refused here.
+            let too_long = |what: &str| {
+                TransportError::Destination(format!(
+                    "the SOCKS proxy's {what} is over 255 bytes, more than SOCKS5 carries"
+                ))
+            };
+            let user_length = u8::try_from(user.len()).map_err(|_| too_long("user name"))?;
+            let password_length = u8::try_from(password.len()).map_err(|_| too_long("password"))?;
+            let mut message = vec![1, user_length];
+            message.extend_from_slice(user.as_bytes());
+            message.push(password_length);
+            message.extend_from_slice(password.as_bytes());
+            tcp.write_all(&message).await.map_err(io)?;
+            let mut status = [0u8; 2];
+            tcp.read_exact(&mut status).await.map_err(io)?;
+            if status[0] != 1 {
+                return Err(not_socks());
+            }
+            if status[1] != 0 {
+                return Err(TransportError::Destination(
+                    "the SOCKS proxy refuses the credentials; put them in the proxy URL".into(),
+                ));
+            }
+        }
+        _ if auth.is_none() => {
+            return Err(TransportError::Destination(
+                "the SOCKS proxy asks for credentials; put them in the proxy URL (`socks5h://user:pass@host:1080`)"
+                    .into(),
+            ));
+        }
+        _ => {
+            return Err(TransportError::Destination(
+                "the SOCKS proxy accepts no user name and password authentication".into(),
+            ));
+        }
+    }
+    let mut request = vec![5, 1, 0];
+    let address = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) if remote_dns => None,
+        // Resolved here: an IPv4 address first (the one a proxy can most
+        // likely reach), else the first.
+        Err(_) => match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => {
+                let addrs: Vec<std::net::IpAddr> = addrs.map(|a| a.ip()).collect();
+                let ip = addrs.iter().find(|ip| ip.is_ipv4()).or(addrs.first()).copied();
+                Some(ip.ok_or_else(|| TransportError::Unresolved(format!("cannot resolve the host `{host}`")))?)
+            }
+            Err(e) => return Err(TransportError::Unresolved(format!("cannot resolve the host `{host}`: {e}"))),
+        },
+    };
+    match address {
+        Some(std::net::IpAddr::V4(ip)) => {
+            request.push(1);
+            request.extend_from_slice(&ip.octets());
+        }
+        Some(std::net::IpAddr::V6(ip)) => {
+            request.push(4);
+            request.extend_from_slice(&ip.octets());
+        }
+        None => {
+            let length = u8::try_from(host.len())
+                .map_err(|_| TransportError::Invalid(format!("the host name `{host}` is over 255 bytes")))?;
+            request.push(3);
+            request.push(length);
+            request.extend_from_slice(host.as_bytes());
+        }
+    }
+    request.extend_from_slice(&port.to_be_bytes());
+    tcp.write_all(&request).await.map_err(io)?;
+    // The version and the reply first: a refusal is told whatever follows.
+    let mut reply = [0u8; 2];
+    tcp.read_exact(&mut reply).await.map_err(io)?;
+    if reply[0] != 5 {
+        return Err(not_socks());
+    }
+    let refused =
+        |why: &str| TransportError::Destination(format!("the SOCKS proxy refuses connections to {host}:{port}: {why}"));
+    match reply[1] {
+        0 => {
+            // The rest: the address the proxy bound, unused.
+            let mut kind = [0u8; 2];
+            tcp.read_exact(&mut kind).await.map_err(io)?;
+            let bound = match kind[1] {
+                1 => 4,
+                4 => 16,
+                3 => {
+                    let mut length = [0u8; 1];
+                    tcp.read_exact(&mut length).await.map_err(io)?;
+                    usize::from(length[0])
+                }
+                _ => return Err(failed("a malformed answer".into())),
+            };
+            let mut rest = vec![0u8; bound + 2];
+            tcp.read_exact(&mut rest).await.map(|_| ()).map_err(io)
+        }
+        2 => Err(refused("not allowed by its rules")),
+        7 => Err(refused("it does not support CONNECT")),
+        8 => Err(refused("it does not support this kind of address")),
+        1 => Err(failed("the proxy failed".into())),
+        3 => Err(failed("network unreachable".into())),
+        4 => Err(failed("host unreachable".into())),
+        5 => Err(failed("connection refused".into())),
+        6 => Err(failed("TTL expired".into())),
+        other => Err(failed(format!("an unknown reply ({other})"))),
     }
 }
 

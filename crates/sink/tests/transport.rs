@@ -1,14 +1,14 @@
 //! The HTTP client under delivery against real local servers: TLS with a
 //! private authority, a receiver that requires a client certificate,
-//! HTTP/2-only receivers, a `CONNECT` proxy, an early 413 and an answer
-//! framed by a TLS close. Each delivery is checked at the receiver: the
-//! body, and its `X-Signature` recomputed here.
+//! HTTP/2-only receivers, a `CONNECT` proxy, a SOCKS5 proxy, an early 413
+//! and an answer framed by a TLS close. Each delivery is checked at the
+//! receiver: the body, and its `X-Signature` recomputed here.
 
 mod support;
 
 use backflow_core::env::Env;
 use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
-use backflow_testkit::proxy::Proxy;
+use backflow_testkit::proxy::{Proxy, Socks5};
 use backflow_testkit::{Received, Receiver, TlsOptions};
 use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
@@ -192,14 +192,53 @@ fn a_proxy_carries_https_in_a_connect_tunnel_and_http_forwarded_with_its_credent
 }
 
 #[test]
+fn a_socks5_proxy_carries_https_and_http_with_its_credentials() {
+    let socks = Socks5::start(Some(("bf", "s3cret")));
+    let (r, pki) = Receiver::start_tls_with(TlsOptions::default());
+    let dir = files(&[("ca.pem", &pki.ca_pem)]);
+    // socks5h: the proxy resolves the receiver's name.
+    let via = format!("socks5h://bf:s3cret@{}", socks.addr());
+    let c = config(&r.https_url(), json!({"tls": {"ca_file": "ca.pem"}, "proxy": via}));
+    assert!(delivered(&deliver_in(dir.path(), &c, 5)));
+    verify_all(&r, 5);
+    // socks5: the name resolved here, an address given to the proxy;
+    // plain HTTP in the tunnel.
+    let plain = Receiver::start();
+    let here = format!("socks5://bf:s3cret@{}", socks.addr());
+    let by_name = plain.url().replace("127.0.0.1", "localhost");
+    assert!(delivered(&deliver(&config(&by_name, json!({"proxy": here})), 5)));
+    verify_all(&plain, 5);
+    let seen = socks.seen();
+    let port = |url: &str| url.rsplit(':').next().unwrap().to_string();
+    assert!(seen.iter().any(|s| s.by_name && s.target == format!("localhost:{}", port(&r.https_url()))), "{seen:?}");
+    assert!(seen.iter().any(|s| !s.by_name && s.target == format!("127.0.0.1:{}", port(&plain.url()))), "{seen:?}");
+    assert!(seen.iter().all(|s| s.user.as_deref() == Some("bf")), "{seen:?}");
+    // Refused credentials, and a receiver the proxy's rules forbid, refuse
+    // every request: the destination stops, nothing is split or retried.
+    let wrong = format!("socks5h://bf:nope@{}", socks.addr());
+    let out = deliver(&config(&plain.url(), json!({"proxy": wrong})), 3);
+    let reason = refused_destination(&out);
+    assert!(reason.contains("refuses the credentials") && !reason.contains("nope"), "{out:?}");
+    let out = deliver(&config("http://forbidden.invalid/hook", json!({"proxy": via})), 3);
+    let reason = refused_destination(&out);
+    assert!(reason.contains("not allowed by its rules") && !reason.contains("s3cret"), "{out:?}");
+    let without = format!("socks5h://{}", socks.addr());
+    let out = deliver(&config(&plain.url(), json!({"proxy": without})), 1);
+    assert!(refused_destination(&out).contains("asks for credentials"), "{out:?}");
+    assert_eq!(plain.requests().len(), 5, "nothing more reached the receiver");
+}
+
+#[test]
 fn bad_proxy_urls_are_refused_when_the_sync_loads() {
     let error = |proxy: &str| {
         Sender::new(&config("http://localhost:1", json!({"proxy": proxy})), &Env::default(), Path::new("."))
             .unwrap_err()
             .to_string()
     };
-    let e = error("socks5://u:hidden@proxy:1080");
-    assert!(e.contains("only `http://` proxies") && !e.contains("hidden"), "{e}");
+    let e = error("socks4://u:hidden@proxy:1080");
+    assert!(e.contains("only `http://` proxies") && e.contains("SOCKS5") && !e.contains("hidden"), "{e}");
+    let e = error("socks5h://u:hidden@proxy");
+    assert!(e.contains("needs its port") && !e.contains("hidden"), "{e}");
     assert!(error("not a url").contains("is not a URL"));
 }
 
@@ -309,7 +348,13 @@ fn tls_server_config(pki: &backflow_testkit::Pki) -> std::sync::Arc<rustls::Serv
 /// How many requests each connection carried, in order, of `requests` sent
 /// one at a time, `gap` apart, by one sender configured by `c` (its files
 /// in `dir`).
-fn requests_per_connection(receiver: &Receiver, c: &DestinationConfig, dir: &Path, requests: u64, gap: Duration) -> Vec<usize> {
+fn requests_per_connection(
+    receiver: &Receiver,
+    c: &DestinationConfig,
+    dir: &Path,
+    requests: u64,
+    gap: Duration,
+) -> Vec<usize> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let destination = Destination::new(c, &Env::default()).unwrap();
     let sender = Sender::new(c, &Env::default(), dir).unwrap();
@@ -349,7 +394,8 @@ fn kept_connections_end_after_their_idle_timeout_and_their_maximum_lifetime() {
         (&r, r.url(), json!({"max_lifetime": "250ms"})),
         (&tls, tls.https_url(), json!({"max_lifetime": "250ms", "tls": {"ca_file": "ca.pem"}})),
     ] {
-        let carried = requests_per_connection(receiver, &config(&url, extra), dir.path(), 7, Duration::from_millis(100));
+        let carried =
+            requests_per_connection(receiver, &config(&url, extra), dir.path(), 7, Duration::from_millis(100));
         assert!(carried.len() >= 2 && carried.iter().all(|&n| n <= 3), "{url}: requests per connection {carried:?}");
     }
 }
