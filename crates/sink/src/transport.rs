@@ -20,7 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -203,7 +203,7 @@ impl HyperTransport {
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(config.connect_timeout));
         let asked_for_certificate = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut tls = tls_config(config)?;
+        let (mut tls, verifier) = tls_config(config)?;
         tls.client_auth_cert_resolver = Arc::new(NoticeCertificateRequests {
             inner: tls.client_auth_cert_resolver.clone(),
             asked: asked_for_certificate.clone(),
@@ -212,6 +212,7 @@ impl HyperTransport {
         let connector = Connector {
             tcp,
             tls: Arc::new(tls),
+            verifier,
             proxy: proxy.clone(),
             connect_timeout: config.connect_timeout,
             http2: config.http2,
@@ -613,7 +614,7 @@ fn check_proxy_url(url: &str) -> Result<String, String> {
 /// rustls set up for the destination: the platform's roots (on Linux, also
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR`) and `ca_file`'s, a client certificate,
 /// ALPN as `http2` says.
-fn tls_config(config: &TransportConfig) -> Result<rustls::ClientConfig, SetupError> {
+fn tls_config(config: &TransportConfig) -> Result<(rustls::ClientConfig, Arc<Verifier>), SetupError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -634,13 +635,20 @@ fn tls_config(config: &TransportConfig) -> Result<rustls::ClientConfig, SetupErr
         Some(path) => read_certs("tls.ca_file", path)?,
         None => Vec::new(),
     };
-    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
-        .map_err(|e| SetupError { field: "tls.ca_file", reason: format!("cannot set up certificate checks: {e}") })?;
+    // Checked now, though the platform's roots join them only when needed.
+    let mut anchors = rustls::RootCertStore::empty();
+    for cert in &extra {
+        anchors.add(cert.clone()).map_err(|e| SetupError {
+            field: "tls.ca_file",
+            reason: format!("holds a certificate that cannot be an authority: {e}"),
+        })?;
+    }
+    let verifier = Arc::new(Verifier { extra, provider: provider.clone(), platform: OnceLock::new() });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| SetupError { field: "tls", reason: format!("cannot set up TLS: {e}") })?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
+        .with_custom_certificate_verifier(verifier.clone());
     let mut tls = match &config.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
@@ -660,7 +668,77 @@ fn tls_config(config: &TransportConfig) -> Result<rustls::ClientConfig, SetupErr
         Http2::Always => vec![b"h2".to_vec()],
         Http2::Never => vec![b"http/1.1".to_vec()],
     };
-    Ok(tls)
+    Ok((tls, verifier))
+}
+
+/// The platform's certificate checks with `tls.ca_file`'s authorities,
+/// set up before the first TLS handshake ([`Verifier::prepare`]): loading
+/// the system's roots costs about a quarter of a small run's CPU, which a
+/// destination spoken to over plain HTTP never needs.
+#[derive(Debug)]
+struct Verifier {
+    extra: Vec<rustls::pki_types::CertificateDer<'static>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    platform: OnceLock<Result<rustls_platform_verifier::Verifier, String>>,
+}
+
+impl Verifier {
+    /// Loads the platform's roots, once, off the runtime's threads.
+    async fn prepare(self: &Arc<Self>) {
+        if self.platform.get().is_none() {
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = this.platform();
+            })
+            .await;
+        }
+    }
+
+    fn platform(&self) -> Result<&rustls_platform_verifier::Verifier, rustls::Error> {
+        self.platform
+            .get_or_init(|| {
+                rustls_platform_verifier::Verifier::new_with_extra_roots(self.extra.clone(), self.provider.clone())
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| rustls::Error::General(format!("cannot set up certificate checks: {e}")))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.platform()?.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.platform()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.platform()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        // What the platform's checks support too, known without its roots.
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// A connector's failure, with its kind decided where it is known.
@@ -681,6 +759,7 @@ impl std::error::Error for ConnectError {}
 struct Connector {
     tcp: HttpConnector<Resolver>,
     tls: Arc<rustls::ClientConfig>,
+    verifier: Arc<Verifier>,
     proxy: Option<Arc<Matcher>>,
     connect_timeout: Duration,
     http2: Http2,
@@ -759,6 +838,7 @@ impl Connector {
         let host = dst.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|_| TransportError::Invalid(format!("`{host}` is not a valid TLS server name")))?;
+        self.verifier.prepare().await;
         let stream = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| {
             let reason = format!("TLS handshake failed: {}", error_chain(&e));
             // Refused by TLS itself (a certificate, a protocol): every
@@ -1281,5 +1361,39 @@ impl Transport for Scripted {
 
     fn reach(&self, origin: Uri) -> BoxFuture<'_, Result<String, TransportError>> {
         Box::pin(std::future::ready(Ok(origin.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_platform_roots_are_loaded_at_the_first_tls_handshake_only() {
+        let plain = backflow_testkit::Receiver::start();
+        let (tls, ca_pem) = backflow_testkit::Receiver::start_tls();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+        let transport = HyperTransport::new(&TransportConfig {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            max_lifetime: None,
+            http2: Http2::Auto,
+            proxy: Proxy::None,
+            ca_file: Some(dir.path().join("ca.pem")),
+            client_cert: None,
+        })
+        .unwrap();
+        let limits = Limits { timeout: Duration::from_secs(10), body_prefix: 64 };
+        let post = |url: String| http::Request::post(url).body(Bytes::from_static(b"{}")).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let answer = transport.send(post(format!("{}/hook", plain.url())), limits).await.unwrap();
+            assert_eq!(answer.status, 200);
+            assert!(transport.connector.verifier.platform.get().is_none(), "not loaded for plain HTTP");
+            let answer = transport.send(post(format!("{}/hook", tls.https_url())), limits).await.unwrap();
+            assert_eq!(answer.status, 200);
+            assert!(transport.connector.verifier.platform.get().is_some_and(|p| p.is_ok()));
+        });
     }
 }
