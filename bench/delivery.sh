@@ -5,7 +5,7 @@
 #      receiver at the same concurrency (target >= 0.8): three rounds, each
 #      wrk then Backflow, so a slower spell of the machine weighs on both;
 #      the median ratio counts. Each round also measures Backflow's HTTP
-#      client alone (its transport, requests built beforehand, no sync:
+#      client alone (its transport, requests made by a fixed function, no sync:
 #      crates/sink/examples/client_rate.rs), which tells the client's share
 #      of the gap from the rest of a run's work;
 #   2. batched delivery (1000 per request) in rows per second (target >= 1M);

@@ -5,7 +5,7 @@
 //! `client_rate bare URL N CONCURRENCY`: hyper's HTTP/1.1 connection API
 //! directly, one kept connection per request in flight (the least a hyper
 //! client does). `client_rate transport URL N CONCURRENCY`: Backflow's
-//! transport ([`HyperTransport`]) with requests built beforehand. Beside a
+//! transport ([`HyperTransport`]), requests made by a fixed function. Beside a
 //! full run, they tell how much of a run's cost is the client's.
 
 use backflow_sink::transport::{HyperTransport, Limits, Transport, TransportConfig};

@@ -220,7 +220,11 @@ impl HyperTransport {
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.idle_timeout)
+            // A connection opened for a request that another connection
+            // served sits unused, so never answers (whose first answer
+            // times its retirement): idle as long as it lives, it is not
+            // handed out past its lifetime.
+            .pool_idle_timeout(config.max_lifetime.map_or(config.idle_timeout, |max| max.min(config.idle_timeout)))
             .http2_only(config.http2 == Http2::Always)
             .build(connector.clone());
         let direct = (config.http2 != Http2::Always).then(|| {
@@ -600,9 +604,6 @@ fn check_proxy_url(url: &str) -> Result<String, String> {
         return Err("the proxy URL has no host; write e.g. `http://proxy.internal:3128`".into());
     }
     if parsed.scheme() != "http" {
-        if parsed.port().is_none() {
-            return Err("a SOCKS proxy URL needs its port; write e.g. `socks5h://proxy.internal:1080`".into());
-        }
         let decoded = |s: &str| percent_encoding::percent_decode_str(s).count();
         if decoded(parsed.username()) > 255 || decoded(parsed.password().unwrap_or_default()) > 255 {
             return Err("a SOCKS5 user name or password is at most 255 bytes".into());
@@ -643,7 +644,12 @@ fn tls_config(config: &TransportConfig) -> Result<(rustls::ClientConfig, Arc<Ver
             reason: format!("holds a certificate that cannot be an authority: {e}"),
         })?;
     }
-    let verifier = Arc::new(Verifier { extra, provider: provider.clone(), platform: OnceLock::new() });
+    let verifier = Arc::new(Verifier {
+        extra,
+        provider: provider.clone(),
+        platform: OnceLock::new(),
+        loaded: tokio::sync::OnceCell::new(),
+    });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| SetupError { field: "tls", reason: format!("cannot set up TLS: {e}") })?
@@ -680,18 +686,23 @@ struct Verifier {
     extra: Vec<rustls::pki_types::CertificateDer<'static>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     platform: OnceLock<Result<rustls_platform_verifier::Verifier, String>>,
+    /// Set once the roots were loaded by [`Verifier::prepare`] (one
+    /// blocking task, however many handshakes wait for it).
+    loaded: tokio::sync::OnceCell<()>,
 }
 
 impl Verifier {
     /// Loads the platform's roots, once, off the runtime's threads.
     async fn prepare(self: &Arc<Self>) {
-        if self.platform.get().is_none() {
-            let this = self.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = this.platform();
+        self.loaded
+            .get_or_init(|| async {
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = this.platform();
+                })
+                .await;
             })
             .await;
-        }
     }
 
     fn platform(&self) -> Result<&rustls_platform_verifier::Verifier, rustls::Error> {
@@ -792,6 +803,7 @@ impl Connector {
     async fn connect(mut self, dst: Uri) -> Result<Conn, TransportError> {
         let https = dst.scheme() == Some(&http::uri::Scheme::HTTPS);
         let intercept = self.proxy.as_ref().and_then(|m| m.intercept(&dst));
+        let tunneled = intercept.is_some();
         let (tcp, proxied) = match intercept {
             None => (self.tcp.call(dst.clone()).await.map_err(|e| tcp_failure(&e, "the receiver"))?, false),
             Some(via) => {
@@ -808,8 +820,7 @@ impl Connector {
                     }
                 };
                 let proxy = match (socks, proxy.port()) {
-                    // SOCKS's own port, for a proxy from the environment
-                    // written without one.
+                    // SOCKS's own port, for a proxy URL written without one.
                     (Some(_), None) => format!("{}:1080", proxy.to_string().trim_end_matches('/'))
                         .parse()
                         .map_err(|e| TransportError::Destination(format!("the SOCKS proxy's URL: {e}")))?,
@@ -833,7 +844,9 @@ impl Connector {
         };
         let tcp = tcp.into_inner();
         if !https {
-            return Ok(Conn::new(Stream::Plain(tcp), proxied, false, self.aged));
+            let mut conn = Conn::new(Stream::Plain(tcp), proxied, false, self.aged);
+            conn.tunneled = tunneled && !proxied;
+            return Ok(conn);
         }
         let host = dst.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone())
@@ -855,7 +868,9 @@ impl Connector {
                 "the receiver does not offer HTTP/2 (`http2: always`); set `http2: auto`".into(),
             ));
         }
-        Ok(Conn::new(Stream::Tls(Box::new(stream), TlsRefusal::default()), false, h2, self.aged))
+        let mut conn = Conn::new(Stream::Tls(Box::new(stream), TlsRefusal::default()), false, h2, self.aged);
+        conn.tunneled = tunneled;
+        Ok(conn)
     }
 }
 
@@ -971,9 +986,8 @@ async fn socks5(
             tcp.write_all(&message).await.map_err(io)?;
             let mut status = [0u8; 2];
             tcp.read_exact(&mut status).await.map_err(io)?;
-            if status[0] != 1 {
-                return Err(not_socks());
-            }
+            // The status's version byte is not checked (as curl does not):
+            // some proxies write 5 there.
             if status[1] != 0 {
                 return Err(TransportError::Destination(
                     "the SOCKS proxy refuses the credentials; put them in the proxy URL".into(),
@@ -1107,6 +1121,8 @@ impl Service<Name> for Resolver {
 struct Born {
     at: Instant,
     timed: Arc<std::sync::atomic::AtomicBool>,
+    /// Told when the connection closes: its timer then ends.
+    closed: Arc<tokio::sync::Notify>,
 }
 
 impl Born {
@@ -1124,9 +1140,12 @@ impl Born {
         if left.is_zero() {
             retire(&captured);
         } else if !self.timed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let closed = self.closed.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(left).await;
-                retire(&captured);
+                tokio::select! {
+                    () = tokio::time::sleep(left) => retire(&captured),
+                    () = closed.notified() => {}
+                }
             });
         }
     }
@@ -1212,14 +1231,25 @@ struct Conn {
     io: TokioIo<Stream>,
     proxied: bool,
     h2: bool,
+    /// Whether it goes through a proxy's tunnel (`CONNECT`, SOCKS5).
+    tunneled: bool,
     /// When it was opened, if its age is watched.
     born: Option<Born>,
 }
 
 impl Conn {
     fn new(stream: Stream, proxied: bool, h2: bool, aged: bool) -> Conn {
-        let born = aged.then(|| Born { at: Instant::now(), timed: Default::default() });
-        Conn { io: TokioIo::new(stream), proxied, h2, born }
+        let born = aged.then(|| Born { at: Instant::now(), timed: Default::default(), closed: Default::default() });
+        Conn { io: TokioIo::new(stream), proxied, h2, tunneled: false, born }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(born) = &self.born {
+            // A permit, should the timer start later.
+            born.closed.notify_one();
+        }
     }
 }
 
@@ -1232,7 +1262,7 @@ impl Conn {
         };
         let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let h2 = if self.h2 { ", HTTP/2" } else { "" };
-        let via = if self.proxied { ", through the proxy" } else { "" };
+        let via = if self.proxied || self.tunneled { ", through the proxy" } else { "" };
         format!("{peer}{tls}{h2}{via}")
     }
 }
@@ -1367,6 +1397,44 @@ impl Transport for Scripted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `socks5()` to `example.org:443` through a proxy that reads the
+    /// greeting, then writes `replies` (whatever the client asks next).
+    fn socks_answered(replies: &'static [u8]) -> Result<(), TransportError> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut proxy, _) = listener.accept().await.unwrap();
+                let mut greeting = [0u8; 3];
+                proxy.read_exact(&mut greeting).await.unwrap();
+                proxy.write_all(replies).await.unwrap();
+                // Kept open until the client is done.
+                let mut rest = Vec::new();
+                let _ = proxy.read_to_end(&mut rest).await;
+            });
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            socks5(&mut tcp, "example.org", 443, true, None).await
+        })
+    }
+
+    #[test]
+    fn socks5_answers_are_read_whatever_address_the_proxy_bound_and_refusals_are_told_apart() {
+        // Bound to a name, to an IPv6 address, to an IPv4 one.
+        assert_eq!(socks_answered(&[5, 0, 5, 0, 0, 3, 4, b'h', b'o', b's', b't', 1, 187]), Ok(()));
+        assert_eq!(socks_answered(&[5, 0, 5, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 187]), Ok(()));
+        assert_eq!(socks_answered(&[5, 0, 5, 0, 0, 1, 10, 0, 0, 1, 1, 187]), Ok(()));
+        // The receiver refused the proxy's connection: may recover.
+        let refused = socks_answered(&[5, 0, 5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(&refused, Err(TransportError::Failed(r)) if r.contains("connection refused")), "{refused:?}");
+        // The proxy's rules forbid it, or it is no SOCKS5 proxy: every
+        // request would be refused the same.
+        let forbidden = socks_answered(&[5, 0, 5, 2, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(&forbidden, Err(TransportError::Destination(r)) if r.contains("rules")), "{forbidden:?}");
+        let other = socks_answered(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        assert!(matches!(&other, Err(TransportError::Destination(r)) if r.contains("SOCKS5")), "{other:?}");
+    }
 
     #[test]
     fn the_platform_roots_are_loaded_at_the_first_tls_handshake_only() {

@@ -237,8 +237,6 @@ fn bad_proxy_urls_are_refused_when_the_sync_loads() {
     };
     let e = error("socks4://u:hidden@proxy:1080");
     assert!(e.contains("only `http://` proxies") && e.contains("SOCKS5") && !e.contains("hidden"), "{e}");
-    let e = error("socks5h://u:hidden@proxy");
-    assert!(e.contains("needs its port") && !e.contains("hidden"), "{e}");
     assert!(error("not a url").contains("is not a URL"));
 }
 
@@ -385,18 +383,19 @@ fn kept_connections_end_after_their_idle_timeout_and_their_maximum_lifetime() {
         "closed while idle"
     );
     // No request starts on a connection older than its lifetime: with
-    // requests 100 ms apart, at most three (at 0, 100 and 200 ms) share a
-    // connection that lives 250 ms; over plain HTTP/1.1 (kept connections
-    // of its own) and over HTTPS with HTTP/2 (hyper-util's pool).
+    // requests 200 ms apart, at most two (at 0 and 200 ms) share a
+    // connection that lives 300 ms (100 ms of margin either way); over
+    // plain HTTP/1.1 (kept connections of its own) and over HTTPS with
+    // HTTP/2 (hyper-util's pool).
     let (tls, pki) = Receiver::start_tls_with(TlsOptions::default());
     let dir = files(&[("ca.pem", &pki.ca_pem)]);
     for (receiver, url, extra) in [
-        (&r, r.url(), json!({"max_lifetime": "250ms"})),
-        (&tls, tls.https_url(), json!({"max_lifetime": "250ms", "tls": {"ca_file": "ca.pem"}})),
+        (&r, r.url(), json!({"max_lifetime": "300ms"})),
+        (&tls, tls.https_url(), json!({"max_lifetime": "300ms", "tls": {"ca_file": "ca.pem"}})),
     ] {
         let carried =
-            requests_per_connection(receiver, &config(&url, extra), dir.path(), 7, Duration::from_millis(100));
-        assert!(carried.len() >= 2 && carried.iter().all(|&n| n <= 3), "{url}: requests per connection {carried:?}");
+            requests_per_connection(receiver, &config(&url, extra), dir.path(), 5, Duration::from_millis(200));
+        assert!(carried.len() >= 2 && carried.iter().all(|&n| n <= 2), "{url}: requests per connection {carried:?}");
     }
 }
 
