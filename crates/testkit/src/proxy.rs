@@ -34,20 +34,9 @@ impl Proxy {
             format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c))
         });
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let log = seen.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
-                tx.send(listener.local_addr().expect("addr")).expect("report address");
-                loop {
-                    let Ok((client, _)) = listener.accept().await else { continue };
-                    tokio::spawn(relay(client, log.clone(), expected.clone()));
-                }
-            });
-        });
-        Proxy { addr: rx.recv().expect("proxy started"), seen }
+        let addr = serve(move |client| relay(client, log.clone(), expected.clone()));
+        Proxy { addr, seen }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -59,6 +48,28 @@ impl Proxy {
     pub fn seen(&self) -> Vec<Proxied> {
         self.seen.lock().expect("lock").clone()
     }
+}
+
+/// Accepts connections on a port of 127.0.0.1, each handled by a task of
+/// `handle` on a thread of its own; returns the address.
+fn serve<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
+            tx.send(listener.local_addr().expect("addr")).expect("report address");
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                tokio::spawn(handle(client));
+            }
+        });
+    });
+    rx.recv().expect("proxy started")
 }
 
 /// Reads a request head, records it, and relays the connection to its
@@ -160,23 +171,14 @@ impl Socks5 {
     pub fn start(credentials: Option<(&str, &str)>) -> Socks5 {
         let credentials = credentials.map(|(u, p)| (u.to_string(), p.to_string()));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let log = seen.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
-                tx.send(listener.local_addr().expect("addr")).expect("report address");
-                loop {
-                    let Ok((client, _)) = listener.accept().await else { continue };
-                    let (log, credentials) = (log.clone(), credentials.clone());
-                    tokio::spawn(async move {
-                        let _ = socks_relay(client, log, credentials).await;
-                    });
-                }
-            });
+        let addr = serve(move |client| {
+            let (log, credentials) = (log.clone(), credentials.clone());
+            async move {
+                let _ = socks_relay(client, log, credentials).await;
+            }
         });
-        Socks5 { addr: rx.recv().expect("proxy started"), seen }
+        Socks5 { addr, seen }
     }
 
     /// `127.0.0.1:PORT`.
