@@ -7,7 +7,7 @@ use crate::{Engine, EngineError, Progress, in_warehouse};
 use backflow_core::{Mapping, Mode, Op, Record, message_id};
 use backflow_diff::{DiffCounts, HashSet64, OutboxRow, Rejection, RunRecord, StateStore, now};
 use backflow_sink::send::redact_url;
-use backflow_sink::{Batch, Delivery, Destination, Driver, MetaContext, Outcome, Sender};
+use backflow_sink::{Batch, Delivery, Destination, Driver, MetaContext, Outcome, Sender, Settled};
 use backflow_source::{Warehouse, WarehouseConfig};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -748,10 +748,12 @@ impl Engine {
                     },
                     chunk = results.recv() => {
                         let Some(chunk) = chunk else { break };
-                        let chunk: Vec<(Record, Outcome)> = chunk;
-                        progress.advance(chunk.len() as u64);
-                        for (record, outcome) in chunk {
-                            settle(record, outcome, report, &mut acks, &mut failures);
+                        let chunk: Vec<Settled> = chunk;
+                        progress.advance(chunk.iter().map(|(records, _)| records.len() as u64).sum());
+                        for (records, outcome) in chunk {
+                            for record in records {
+                                settle(record, &outcome, report, &mut acks, &mut failures);
+                            }
                         }
                     }
                 }
@@ -869,7 +871,7 @@ fn encode_pages(
 /// Counts a record's outcome: an ack, or a failure to record.
 fn settle(
     record: Record,
-    outcome: Outcome,
+    outcome: &Outcome,
     report: &mut RunReport,
     acks: &mut Vec<u64>,
     failures: &mut Vec<Rejection>,
@@ -887,14 +889,14 @@ fn settle(
                 report.rejected += 1;
                 *report.rejected_ops.entry(record.op).or_insert(0) += 1;
             }
-            let reason = if attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason };
+            let reason = if *attempts > 1 { format!("{reason} (after {attempts} attempts)") } else { reason.clone() };
             failures.push(Rejection {
                 key: record.key_text,
                 op: record.op,
                 message_id: record.message_id,
-                status,
+                status: *status,
                 reason,
-                body,
+                body: body.clone(),
                 at: now(),
             });
         }

@@ -7,9 +7,8 @@
 //! [`Driver::cancel`], [`Driver::drain`]), every request has ended or been
 //! dropped before [`Driver::finish`] returns: nothing is left sending.
 
-use crate::request::{Batch, Destination};
+use crate::request::{Batch, Destination, Settled};
 use crate::{MetaContext, Outcome, Sender};
-use backflow_core::Record;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use std::collections::VecDeque;
@@ -21,8 +20,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Outcomes of delivered requests, in chunks.
-pub type Results = mpsc::UnboundedReceiver<Vec<(Record, Outcome)>>;
+/// Outcomes of delivered requests, in chunks: each request's records with
+/// the outcome they share.
+pub type Results = mpsc::UnboundedReceiver<Vec<Settled>>;
 
 /// What the driver sends and how.
 #[derive(Debug, Clone)]
@@ -70,7 +70,8 @@ impl Drain {
     }
 }
 
-/// Requests handed back in a chunk at most, or after [`RESULT_INTERVAL`].
+/// Records handed back in a chunk at most (a chunk holds whole requests),
+/// or after [`RESULT_INTERVAL`].
 const RESULT_CHUNK: usize = 1024;
 const RESULT_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -92,6 +93,7 @@ impl Driver {
             drain: drain.clone(),
             in_flight: FuturesUnordered::new(),
             chunk: Vec::with_capacity(RESULT_CHUNK),
+            in_chunk: 0,
         };
         (
             Driver {
@@ -130,17 +132,19 @@ impl Driver {
 }
 
 /// A request in flight: its records' outcomes when it ends (or its panic).
-type InFlight = Pin<Box<dyn Future<Output = std::thread::Result<Vec<(Record, Outcome)>>> + Send>>;
+type InFlight = Pin<Box<dyn Future<Output = std::thread::Result<Vec<Settled>>> + Send>>;
 
 /// The driver's task.
 struct Run {
     n: Arc<Delivery>,
     queue: mpsc::Receiver<Vec<Batch>>,
-    results: mpsc::UnboundedSender<Vec<(Record, Outcome)>>,
+    results: mpsc::UnboundedSender<Vec<Settled>>,
     cancel: CancellationToken,
     drain: Drain,
     in_flight: FuturesUnordered<InFlight>,
-    chunk: Vec<(Record, Outcome)>,
+    chunk: Vec<Settled>,
+    /// Records in `chunk`.
+    in_chunk: usize,
 }
 
 impl Run {
@@ -254,6 +258,7 @@ impl Run {
                 });
                 let all_down = done.iter().all(|(_, o)| matches!(o, Outcome::Failed { retryable: true, .. }));
                 down_streak = if all_down { down_streak + 1 } else { 0 };
+                self.in_chunk += done.iter().map(|(records, _)| records.len()).sum::<usize>();
                 self.chunk.extend(done);
                 if stopped.is_none() {
                     if let Some(reason) = refused {
@@ -271,7 +276,7 @@ impl Run {
                     }
                 }
             }
-            if self.chunk.len() >= RESULT_CHUNK {
+            if self.in_chunk >= RESULT_CHUNK {
                 self.flush();
             }
             if self.chunk.is_empty() {
@@ -287,6 +292,7 @@ impl Run {
         if !self.chunk.is_empty() {
             // The next chunk is made whole at once, not grown record by record.
             let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(RESULT_CHUNK));
+            self.in_chunk = 0;
             let _ = self.results.send(chunk);
         }
     }

@@ -25,7 +25,7 @@ pub use config::{
 pub use decision::Decision;
 pub use driver::{Delivery, Driver};
 pub use encode::MetaContext;
-pub use request::{Batch, Batcher, Destination, HttpRequest};
+pub use request::{Batch, Batcher, Destination, HttpRequest, Settled, per_record};
 pub use send::{Observer, Outcome, Sender};
 pub use transport::{HyperTransport, Transport};
 

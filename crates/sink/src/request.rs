@@ -378,14 +378,15 @@ impl Destination {
     /// Sends `records` as one request; when a batch is refused with a
     /// permanent status it is split in halves, recursively, so the bad
     /// records are isolated and the rest delivered.
-    pub async fn deliver(&self, sender: &Sender, records: Vec<Record>, ctx: &MetaContext) -> Vec<(Record, Outcome)> {
+    pub async fn deliver(&self, sender: &Sender, records: Vec<Record>, ctx: &MetaContext) -> Vec<Settled> {
         let request = self.request(&records, ctx);
         self.send(sender, Batch { records, request }, ctx).await
     }
 
     /// Sends a batch built by [`Destination::batches`], isolating bad
-    /// records like [`Destination::deliver`].
-    pub async fn send(&self, sender: &Sender, batch: Batch, ctx: &MetaContext) -> Vec<(Record, Outcome)> {
+    /// records like [`Destination::deliver`]: its records come back in
+    /// runs that share an outcome (one run unless the batch was split).
+    pub async fn send(&self, sender: &Sender, batch: Batch, ctx: &MetaContext) -> Vec<Settled> {
         let Batch { records, request } = batch;
         let outcome = match request {
             Ok(request) => sender.send(&request).await,
@@ -416,22 +417,22 @@ impl Destination {
             let refused = out.iter().find(|(_, o)| matches!(o, Outcome::Failed { destination: true, .. }));
             if let Some((_, refused)) = refused {
                 let refused = refused.clone();
-                out.extend(right.into_iter().map(|r| (r, refused.clone())));
+                out.push((right, refused));
             } else {
                 out.extend(Box::pin(self.deliver(sender, right, ctx)).await);
             }
             return out;
         }
-        let mut records = records;
-        match records.pop() {
-            Some(last) if records.is_empty() => vec![(last, outcome)],
-            last => {
-                let mut out: Vec<_> = records.into_iter().map(|r| (r, outcome.clone())).collect();
-                out.extend(last.map(|r| (r, outcome)));
-                out
-            }
-        }
+        vec![(records, outcome)]
     }
+}
+
+/// Records sent together and the outcome they share.
+pub type Settled = (Vec<Record>, Outcome);
+
+/// Each record of `settled` with its own outcome.
+pub fn per_record(settled: Vec<Settled>) -> Vec<(Record, Outcome)> {
+    settled.into_iter().flat_map(|(records, outcome)| records.into_iter().map(move |r| (r, outcome.clone()))).collect()
 }
 
 /// Records to send in one request, with the request built for them.
@@ -473,8 +474,6 @@ impl Batcher<'_> {
             return Some(Batch { records: vec![record], request });
         }
         let route = d.route(record.change);
-        self.scratch.clear();
-        self.encoder.write(&record, &mut self.scratch);
         let slot =
             self.groups.iter().position(|g| g.route.method == route.method && g.route.url == route.url).unwrap_or_else(
                 || {
@@ -483,17 +482,29 @@ impl Batcher<'_> {
                 },
             );
         let group = &mut self.groups[slot];
-        let full = !group.records.is_empty()
-            && (group.records.len() >= d.batch_size || group.body.len() + self.scratch.len() + 2 > d.max_body_bytes);
-        let done = if full { Some(close(d, &self.encoder, group)) } else { None };
-        if group.records.is_empty() {
-            // Sized for a full batch of records like this one: no
-            // regrowing (and copying) of large bodies.
-            let estimate = (self.scratch.len() + 1).saturating_mul(d.batch_size).saturating_add(2);
-            group.body.reserve(estimate.min(d.max_body_bytes));
-        }
+        let mut done = if group.records.len() >= d.batch_size { Some(close(d, &self.encoder, group)) } else { None };
+        // The envelope is written straight into the batch's body; should it
+        // not fit there, it moves on to open the next batch.
+        let start = group.body.len();
         group.body.push(if group.records.is_empty() { b'[' } else { b',' });
-        group.body.extend_from_slice(&self.scratch);
+        self.encoder.write(&record, &mut group.body);
+        if !group.records.is_empty() && group.body.len() + 1 > d.max_body_bytes {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&group.body[start + 1..]);
+            group.body.truncate(start);
+            done = Some(close(d, &self.encoder, group));
+            group.body.push(b'[');
+            group.body.extend_from_slice(&self.scratch);
+        }
+        if group.records.is_empty() {
+            // Sized for a full batch of records like this one, with room
+            // for longer ones: no regrowing (and copying) of large bodies
+            // or of the records.
+            let size = group.body.len();
+            let fit = (d.max_body_bytes / size).clamp(1, d.batch_size);
+            group.body.reserve(size.saturating_mul(fit).saturating_add(size.saturating_mul(fit) / 8).saturating_add(2));
+            group.records.reserve_exact(fit);
+        }
         group.records.push(record);
         done
     }
@@ -711,6 +722,17 @@ mod tests {
             let body = &b.request.as_ref().unwrap().body;
             assert!(body.len() <= 1024);
             assert_eq!(*body, small.request(&b.records, &ctx()).unwrap().body);
+        }
+        let sent: Vec<u64> = batches.iter().flat_map(|b| b.records.iter().map(|r| r.row_num)).collect();
+        assert_eq!(sent, (1..=40).collect::<Vec<u64>>(), "every record once, in order");
+        // A record larger than the bound goes alone, between full batches.
+        let mut records: Vec<Record> = (1..=9).map(|i| record(i, Change::Added)).collect();
+        records[4].payload = format!(r#"{{"blob":"{}"}}"#, "x".repeat(2000));
+        let batches = small.batches(records, &ctx());
+        let ids: Vec<Vec<u64>> = batches.iter().map(|b| b.records.iter().map(|r| r.row_num).collect()).collect();
+        assert_eq!(ids, [vec![1, 2, 3, 4], vec![5], vec![6, 7, 8, 9]]);
+        for b in &batches {
+            assert_eq!(b.request.as_ref().unwrap().body, small.request(&b.records, &ctx()).unwrap().body);
         }
         let err = Destination::new(&config(json!({"batch_size": 10, "method": "GET"})), &Env::default()).unwrap_err();
         assert!(err.to_string().contains("GET sends one record per request"), "{err}");

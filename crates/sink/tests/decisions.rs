@@ -5,7 +5,7 @@ mod support;
 
 use backflow_core::env::Env;
 use backflow_sink::transport::{Scripted, TransportError};
-use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
+use backflow_sink::{Destination, DestinationConfig, Outcome, Sender, per_record};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use support::{config_with, ctx, record};
@@ -25,7 +25,7 @@ fn deliver(transport: &Arc<Scripted>, batch_size: usize, n: u64) -> Vec<Outcome>
     runtime.block_on(async {
         let mut out = Vec::new();
         for batch in destination.batches((1..=n).map(record).collect(), &ctx) {
-            out.extend(destination.send(&sender, batch, &ctx).await.into_iter().map(|(_, o)| o));
+            out.extend(per_record(destination.send(&sender, batch, &ctx).await).into_iter().map(|(_, o)| o));
         }
         out
     })

@@ -4,7 +4,7 @@ mod support;
 
 use backflow_core::Record;
 use backflow_core::env::Env;
-use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
+use backflow_sink::{Destination, DestinationConfig, Outcome, Sender, per_record};
 use backflow_testkit::{Receiver, Reply};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ fn deliver(c: &DestinationConfig, records: Vec<Record>) -> Vec<(Record, Outcome)
     runtime.block_on(async {
         let mut out = Vec::new();
         for batch in destination.batches(records, &ctx()) {
-            out.extend(destination.send(&sender, batch, &ctx()).await);
+            out.extend(per_record(destination.send(&sender, batch, &ctx()).await));
         }
         out
     })

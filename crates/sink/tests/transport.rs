@@ -7,7 +7,7 @@
 mod support;
 
 use backflow_core::env::Env;
-use backflow_sink::{Destination, DestinationConfig, Outcome, Sender};
+use backflow_sink::{Destination, DestinationConfig, Outcome, Sender, per_record};
 use backflow_testkit::proxy::{Proxy, Socks5};
 use backflow_testkit::{Received, Receiver, TlsOptions};
 use hmac::{KeyInit, Mac};
@@ -36,7 +36,7 @@ fn deliver_in(dir: &Path, c: &DestinationConfig, n: u64) -> Vec<Outcome> {
     runtime.block_on(async {
         let mut out = Vec::new();
         for batch in destination.batches((1..=n).map(record).collect(), &ctx()) {
-            out.extend(destination.send(&sender, batch, &ctx()).await.into_iter().map(|(_, o)| o));
+            out.extend(per_record(destination.send(&sender, batch, &ctx()).await).into_iter().map(|(_, o)| o));
         }
         out
     })
