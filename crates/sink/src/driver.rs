@@ -70,8 +70,9 @@ impl Drain {
     }
 }
 
-/// Records handed back in a chunk at most (a chunk holds whole requests),
-/// or after [`RESULT_INTERVAL`].
+/// Outcomes are handed back once a chunk holds this many records (whole
+/// requests, so a large batch makes a larger chunk), or after
+/// [`RESULT_INTERVAL`].
 const RESULT_CHUNK: usize = 1024;
 const RESULT_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -290,7 +291,7 @@ impl Run {
 
     fn flush(&mut self) {
         if !self.chunk.is_empty() {
-            // The next chunk is made whole at once, not grown record by record.
+            // The next chunk is made whole at once, not grown request by request.
             let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(RESULT_CHUNK));
             self.in_chunk = 0;
             let _ = self.results.send(chunk);

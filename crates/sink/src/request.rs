@@ -244,7 +244,8 @@ impl Destination {
     /// Cuts records into requests, built ready to send: one record each,
     /// or with `batch_size > 1` runs of records bound for the same method
     /// and URL, at most `batch_size` and `max_body_bytes` each (each
-    /// record's envelope is written once, into its batch's body).
+    /// record's envelope is written into its batch's body, and copied once
+    /// more only when it does not fit there and opens the next batch).
     pub fn batches(&self, records: Vec<Record>, ctx: &MetaContext) -> Vec<Batch> {
         let mut batcher = self.batcher(ctx);
         let mut out: Vec<Batch> = records.into_iter().filter_map(|r| batcher.push(r)).collect();
@@ -483,27 +484,36 @@ impl Batcher<'_> {
             );
         let group = &mut self.groups[slot];
         let mut done = if group.records.len() >= d.batch_size { Some(close(d, &self.encoder, group)) } else { None };
+        let opening = group.records.is_empty();
+        if opening {
+            // A first guess at the envelope's size.
+            group.body.reserve(record.payload.len() + record.key_text.len() + ENVELOPE_ROOM);
+        }
         // The envelope is written straight into the batch's body; should it
         // not fit there, it moves on to open the next batch.
         let start = group.body.len();
-        group.body.push(if group.records.is_empty() { b'[' } else { b',' });
+        group.body.push(if opening { b'[' } else { b',' });
         self.encoder.write(&record, &mut group.body);
-        if !group.records.is_empty() && group.body.len() + 1 > d.max_body_bytes {
+        if !opening && group.body.len() + 1 > d.max_body_bytes {
             self.scratch.clear();
             self.scratch.extend_from_slice(&group.body[start + 1..]);
             group.body.truncate(start);
             done = Some(close(d, &self.encoder, group));
+            group.body.reserve(self.scratch.len() + 1);
             group.body.push(b'[');
             group.body.extend_from_slice(&self.scratch);
         }
         if group.records.is_empty() {
-            // Sized for a full batch of records like this one, with room
-            // for longer ones: no regrowing (and copying) of large bodies
-            // or of the records.
+            // Sized for a full batch of records like this one, with an
+            // eighth more for longer ones (also past `max_body_bytes`, where
+            // the record that does not fit is written before it moves on):
+            // no regrowing, and copying, of large bodies.
             let size = group.body.len();
             let fit = (d.max_body_bytes / size).clamp(1, d.batch_size);
-            group.body.reserve(size.saturating_mul(fit).saturating_add(size.saturating_mul(fit) / 8).saturating_add(2));
-            group.records.reserve_exact(fit);
+            let full = size.saturating_mul(fit);
+            let cap = d.max_body_bytes + d.max_body_bytes / 8 + 2;
+            group.body.reserve((full + full / 8 + 2).min(cap).saturating_sub(size));
+            group.records.reserve_exact(fit.min(RECORDS_RESERVED));
         }
         group.records.push(record);
         done
@@ -516,11 +526,23 @@ impl Batcher<'_> {
     }
 }
 
+/// Room for an envelope's metadata beside its payload and key, as a first
+/// guess of its size.
+const ENVELOPE_ROOM: usize = 256;
+
+/// The most records a batch's list is sized for at once (it grows past).
+const RECORDS_RESERVED: usize = 4096;
+
 /// The request of an open batch, which is left empty.
 fn close(destination: &Destination, encoder: &Encoder, group: &mut Group) -> Batch {
     let records = std::mem::take(&mut group.records);
     let mut body = std::mem::take(&mut group.body);
     body.push(b']');
+    // The body is sent (and kept for retries) with its allocation: a body
+    // that grew for a record which then moved on gives the room back.
+    if body.capacity() > body.len() + body.len() / 4 {
+        body.shrink_to_fit();
+    }
     let request = destination.build(encoder, &records, Some(body));
     Batch { records, request }
 }
