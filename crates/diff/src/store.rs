@@ -632,7 +632,10 @@ impl StateStore {
              WHERE row_num > ? AND row_num <= ?",
         )?;
         let mut out = Vec::with_capacity(limit);
-        for batch in stmt.query_arrow(params![after as i64, after as i64 + limit as i64])? {
+        // Streamed: DuckDB's chunks become Arrow batches as they are read,
+        // without first copying the whole page into a materialized result.
+        for batch in stmt.stream_arrow(params![after as i64, after as i64 + limit as i64])? {
+            let batch = batch?;
             let row_num = batch.column(0).as_primitive::<Int64Type>();
             let key = batch.column(1).as_string::<i32>();
             let change = batch.column(2).as_string::<i32>();
