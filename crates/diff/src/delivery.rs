@@ -319,24 +319,22 @@ impl StateStore {
     /// the outbox becomes the snapshot, with the snapshot rows it does not
     /// replace or remove copied into it, instead of every delivered payload
     /// being copied into the snapshot — payloads are written once per run
-    /// instead of twice, which was most of a fold's cost. The delivered rows
-    /// keep their row numbers, and this run's acknowledged ranges are kept to
-    /// tell when each was delivered (setting the time on every row cost as
-    /// much as the copy); the kept rows take their delivery time along and
-    /// drop their row numbers, whose ranges go.
+    /// instead of twice, which was most of a fold's cost. The outbox was
+    /// made with the snapshot's columns, so no column is added (adding them
+    /// here, and checking the columns never missing in an outbox, cost most
+    /// of what was left). The delivered rows keep their row numbers, and
+    /// this run's acknowledged ranges are kept to tell when and by which run
+    /// each was delivered (setting them on every row cost as much as the
+    /// copy); the kept rows take theirs along and drop their row numbers,
+    /// whose ranges go.
     fn outbox_becomes_snapshot(&self, occurrences: Occurrences) -> Result<(), DiffError> {
-        let run_id: String = self.conn.query_row("SELECT any_value(run_id) FROM acked", [], |r| r.get(0))?;
         self.transaction(|conn| {
             occurrences.settle(conn, "SELECT key, change, gen FROM outbox")?;
             conn.execute("DELETE FROM settings WHERE name = ?", [DELIVERY])?;
-            conn.execute_batch(&format!(
-                "ALTER TABLE outbox ADD COLUMN message_id VARCHAR;
-                 ALTER TABLE outbox ADD COLUMN run_id VARCHAR DEFAULT {run_id};
-                 ALTER TABLE outbox ALTER COLUMN run_id DROP DEFAULT;
-                 ALTER TABLE outbox ADD COLUMN delivered_at VARCHAR;
-                 INSERT INTO outbox (key, change, op, fingerprint, payload, route, row_hash, row_num, message_id, run_id, delivered_at, gen)
-                 SELECT s.key, 'kept', s.op, s.fingerprint, s.payload, s.route, s.row_hash, NULL, s.message_id, s.run_id,
-                        coalesce(s.delivered_at, r.delivered_at), s.gen
+            conn.execute_batch(
+                "INSERT INTO outbox (key, change, op, fingerprint, payload, route, row_hash, row_num, message_id, run_id, delivered_at, gen)
+                 SELECT s.key, 'kept', s.op, s.fingerprint, s.payload, s.route, s.row_hash, NULL, s.message_id,
+                        coalesce(s.run_id, r.run_id), coalesce(s.delivered_at, r.delivered_at), s.gen
                  FROM snapshot s
                  LEFT JOIN delivered_ranges r ON s.row_num BETWEEN r.first_row AND r.last_row
                  WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.key = s.key);
@@ -345,15 +343,15 @@ impl StateStore {
                  DROP TABLE snapshot;
                  ALTER TABLE outbox RENAME TO snapshot;
                  DELETE FROM delivered_ranges;
-                 INSERT INTO delivered_ranges SELECT first_row, last_row, delivered_at FROM acked;
+                 INSERT INTO delivered_ranges SELECT first_row, last_row, delivered_at, run_id FROM acked;
                  DELETE FROM acked;",
-                run_id = literal(&run_id)
-            ))
+            )
         })?;
-        // DuckDB checks new constraints only on a table without changes
-        // pending in the transaction.
+        // The outbox's key and op are never missing; its fingerprint and
+        // payload may be until it is complete. DuckDB checks new constraints
+        // only on a table without changes pending in the transaction.
         self.transaction(|conn| {
-            for column in ["key", "fingerprint", "payload", "op", "run_id"] {
+            for column in ["fingerprint", "payload"] {
                 conn.execute_batch(&format!("ALTER TABLE snapshot ALTER COLUMN {column} SET NOT NULL"))?;
             }
             Ok(())

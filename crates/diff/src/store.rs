@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS snapshot (
     route VARCHAR,
     op VARCHAR NOT NULL,
     message_id VARCHAR,
-    run_id VARCHAR NOT NULL,
+    run_id VARCHAR,
     delivered_at VARCHAR,
     row_hash UBIGINT,
     row_num BIGINT
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS acked (
 CREATE TABLE IF NOT EXISTS delivered_ranges (
     first_row BIGINT NOT NULL,
     last_row BIGINT NOT NULL,
-    delivered_at VARCHAR NOT NULL
+    delivered_at VARCHAR NOT NULL,
+    run_id VARCHAR
 );
 CREATE TABLE IF NOT EXISTS pending (
     key VARCHAR NOT NULL,
@@ -71,7 +72,25 @@ ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS row_num BIGINT;
 ALTER TABLE snapshot ADD COLUMN IF NOT EXISTS gen BIGINT;
 ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS row_hash UBIGINT;
 ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS gen BIGINT;
+ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS message_id VARCHAR;
+ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS run_id VARCHAR;
+ALTER TABLE IF EXISTS outbox ADD COLUMN IF NOT EXISTS delivered_at VARCHAR;
+ALTER TABLE delivered_ranges ADD COLUMN IF NOT EXISTS run_id VARCHAR;
 ";
+
+/// The outbox's columns: the records to send, numbered from 1 (`row_num`),
+/// then the snapshot's delivery columns, empty, so that a delivery
+/// acknowledged whole makes the outbox the snapshot without altering its
+/// columns (see `outbox_becomes_snapshot`). The payload and fingerprint may
+/// be missing until the outbox is complete (a plan's removed records; a
+/// payload to stage again).
+pub(crate) const OUTBOX_COLUMNS: &str = "row_num BIGINT, key VARCHAR NOT NULL, change VARCHAR NOT NULL,
+    op VARCHAR NOT NULL, fingerprint UBIGINT, payload VARCHAR, route VARCHAR, row_hash UBIGINT, gen BIGINT,
+    message_id VARCHAR, run_id VARCHAR, delivered_at VARCHAR";
+
+/// The outbox's columns that describe a record to send, in the table's order.
+pub(crate) const OUTBOX_RECORD: &str = "row_num, key, change, op, fingerprint, payload, route, row_hash, gen";
+
 
 /// The state of one sync, opened exclusively.
 pub struct StateStore {
@@ -317,12 +336,13 @@ pub(crate) fn append_columns(appender: &mut Appender<'_>, columns: Vec<(&str, Ar
 
 /// Earlier versions logged one ack per record with its message id; they
 /// become ranges (message ids are derived since), and snapshots may leave
-/// message ids and delivery times out (the times of a first delivery are
+/// message ids, delivery times and run ids out (a first delivery's are
 /// kept by range).
 fn migrate_ack_log(conn: &Connection) -> Result<(), DiffError> {
     conn.execute_batch(
         "ALTER TABLE snapshot ALTER COLUMN message_id DROP NOT NULL;
-         ALTER TABLE snapshot ALTER COLUMN delivered_at DROP NOT NULL;",
+         ALTER TABLE snapshot ALTER COLUMN delivered_at DROP NOT NULL;
+         ALTER TABLE snapshot ALTER COLUMN run_id DROP NOT NULL;",
     )?;
     migrate_if(
         conn,
@@ -529,7 +549,8 @@ impl StateStore {
             "CREATE OR REPLACE TEMP TABLE diff AS
              SELECT key, change, ord, staged_row, snapshot_row, prior_gen, {op_case} AS op FROM ({changes})
              WHERE change IS NOT NULL;
-             CREATE OR REPLACE {outbox} outbox AS
+             CREATE OR REPLACE {outbox} outbox ({OUTBOX_COLUMNS});
+             INSERT INTO outbox ({OUTBOX_RECORD})
              SELECT row_number() OVER (ORDER BY ord NULLS LAST, key) AS row_num,
                     key, change, op, fingerprint, payload, route, row_hash, prior_gen + 1 AS gen
              FROM (
@@ -815,7 +836,8 @@ impl StateStore {
         let delivered = self
             .conn
             .query_row(
-                "SELECT s.payload, s.fingerprint, s.op, s.message_id, s.run_id, coalesce(s.delivered_at, r.delivered_at, ''),
+                "SELECT s.payload, s.fingerprint, s.op, s.message_id, coalesce(s.run_id, r.run_id, ''),
+                        coalesce(s.delivered_at, r.delivered_at, ''),
                         coalesce(s.gen, 1)
                  FROM snapshot s LEFT JOIN delivered_ranges r ON s.row_num BETWEEN r.first_row AND r.last_row
                  WHERE s.key = ?",

@@ -15,10 +15,10 @@
 //! decide exactly — a key seen twice, a NULL key, two keys whose hashes
 //! meet — is reported, and the caller stages the query the ordinary way.
 
-use crate::store::append_columns;
+use crate::store::{OUTBOX_COLUMNS, OUTBOX_RECORD, append_columns};
 use crate::{DiffError, StateStore};
 use backflow_core::{Change, Mode, Op};
-use duckdb::arrow::array::{ArrayBuilder, Int64Builder, StringBuilder, UInt64Builder};
+use duckdb::arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder, UInt64Builder};
 use duckdb::arrow::datatypes::SchemaRef;
 use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::core::{DataChunkHandle, LogicalTypeHandle, LogicalTypeId};
@@ -334,11 +334,7 @@ impl StateStore {
 
     /// A writer of a new outbox, replacing the current one.
     pub fn outbox_writer(&self) -> Result<OutboxWriter<'_>, DiffError> {
-        self.conn.execute_batch(&format!(
-            "CREATE OR REPLACE {} outbox (row_num BIGINT, key VARCHAR, change VARCHAR, op VARCHAR,
-                 fingerprint UBIGINT, payload VARCHAR, route VARCHAR, row_hash UBIGINT, gen BIGINT)",
-            self.outbox_table()
-        ))?;
+        self.conn.execute_batch(&format!("CREATE OR REPLACE {} outbox ({OUTBOX_COLUMNS})", self.outbox_table()))?;
         Ok(OutboxWriter { store: self, rows: 0, columns: OutboxColumns::default() })
     }
 
@@ -379,7 +375,7 @@ impl StateStore {
         // Counted first: a statement does not read the table it appends to.
         let written = self.count("SELECT count(*) FROM outbox")?;
         self.conn.execute_batch(&format!(
-            "INSERT INTO outbox
+            "INSERT INTO outbox ({OUTBOX_RECORD})
              SELECT {written} + row_number() OVER (ORDER BY d.key), d.key, 'removed', d.op,
                     r.fingerprint, r.payload, r.route, r.row_hash, coalesce(r.gen, 1) + 1
              FROM diff d LEFT JOIN (SELECT r.* FROM removed_rows r JOIN wanted USING (key)) r USING (key)
@@ -478,10 +474,7 @@ impl OutboxWriter<'_> {
         if c.row_num.is_empty() {
             return Ok(());
         }
-        let mut appender = self.store.conn.appender("outbox")?;
-        append_columns(
-            &mut appender,
-            vec![
+        let columns: Vec<(&str, ArrayRef)> = vec![
                 ("row_num", Arc::new(c.row_num.finish())),
                 ("key", Arc::new(c.key.finish())),
                 ("change", Arc::new(c.change.finish())),
@@ -490,9 +483,14 @@ impl OutboxWriter<'_> {
                 ("payload", Arc::new(c.payload.finish())),
                 ("route", Arc::new(c.route.finish())),
                 ("row_hash", Arc::new(c.row_hash.finish())),
-                ("gen", Arc::new(c.generation.finish())),
-            ],
-        )?;
+            ("gen", Arc::new(c.generation.finish())),
+        ];
+        let mut appender = self.store.conn.appender("outbox")?;
+        // The delivery columns stay empty.
+        for (name, _) in &columns {
+            appender.add_column(name)?;
+        }
+        append_columns(&mut appender, columns)?;
         appender.flush()?;
         Ok(())
     }

@@ -326,7 +326,7 @@ fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(not_null, ["fingerprint", "key", "op", "payload", "run_id"]);
+    assert_eq!(not_null, ["fingerprint", "key", "op", "payload"], "the run id is kept by range, like the time");
     drop(conn);
     assert!(!outbox_table_left(dir.path()), "the outbox became the snapshot");
     let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
@@ -338,6 +338,33 @@ fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
     store.fold_acks().unwrap();
     assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (2, "B")]));
     assert_eq!(store.lookup(&key(1)).unwrap().delivered.unwrap().delivered_at, times[0], "kept from the first run");
+}
+
+#[test]
+fn an_outbox_written_by_an_earlier_version_is_folded_whole_into_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+        stage(&store, &[(1, "a"), (2, "b")]);
+        store.diff(Mode::Upsert, false).unwrap();
+        store.ack("run-1", &[1, 2]).unwrap();
+    }
+    {
+        // Earlier versions' outboxes lacked the snapshot's delivery columns.
+        let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE outbox DROP COLUMN message_id;
+             ALTER TABLE outbox DROP COLUMN run_id;
+             ALTER TABLE outbox DROP COLUMN delivered_at;
+             ALTER TABLE delivered_ranges DROP COLUMN run_id;",
+        )
+        .unwrap();
+    }
+    let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
+    assert_eq!(snapshot(&store, &[1, 2]), snap(&[(1, "a"), (2, "b")]));
+    assert_eq!(store.lookup(&key(2)).unwrap().delivered.unwrap().run_id, "run-1");
+    drop(store);
+    assert!(!outbox_table_left(dir.path()), "the outbox became the snapshot");
 }
 
 /// Whether the state file still holds an outbox table (a fold that copies
