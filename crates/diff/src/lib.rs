@@ -13,7 +13,7 @@
 //! - The snapshot advances only through [`StateStore::ack`], which the
 //!   caller invokes after a 2xx for those records; each call is committed to
 //!   an append-only ack log before it returns (the engine commits the first
-//!   acknowledgements at once, then every 250 ms or 50,000 records), and the
+//!   acknowledgements at once, then every 250 ms or 250,000 records), and the
 //!   log is folded into the snapshot at the end of a run or, after a crash,
 //!   when the state is next opened.
 //! - [`StateStore::begin_delivery`] is committed before the first request

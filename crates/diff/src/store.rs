@@ -91,7 +91,6 @@ pub(crate) const OUTBOX_COLUMNS: &str = "row_num BIGINT, key VARCHAR NOT NULL, c
 /// The outbox's columns that describe a record to send, in the table's order.
 pub(crate) const OUTBOX_RECORD: &str = "row_num, key, change, op, fingerprint, payload, route, row_hash, gen";
 
-
 /// The state of one sync, opened exclusively.
 pub struct StateStore {
     pub(crate) conn: Connection,

@@ -475,14 +475,14 @@ impl OutboxWriter<'_> {
             return Ok(());
         }
         let columns: Vec<(&str, ArrayRef)> = vec![
-                ("row_num", Arc::new(c.row_num.finish())),
-                ("key", Arc::new(c.key.finish())),
-                ("change", Arc::new(c.change.finish())),
-                ("op", Arc::new(c.op.finish())),
-                ("fingerprint", Arc::new(c.fingerprint.finish())),
-                ("payload", Arc::new(c.payload.finish())),
-                ("route", Arc::new(c.route.finish())),
-                ("row_hash", Arc::new(c.row_hash.finish())),
+            ("row_num", Arc::new(c.row_num.finish())),
+            ("key", Arc::new(c.key.finish())),
+            ("change", Arc::new(c.change.finish())),
+            ("op", Arc::new(c.op.finish())),
+            ("fingerprint", Arc::new(c.fingerprint.finish())),
+            ("payload", Arc::new(c.payload.finish())),
+            ("route", Arc::new(c.route.finish())),
+            ("row_hash", Arc::new(c.row_hash.finish())),
             ("gen", Arc::new(c.generation.finish())),
         ];
         let mut appender = self.store.conn.appender("outbox")?;

@@ -25,7 +25,7 @@ const PAGE_BYTES: usize = 32 << 20;
 /// waiting or [`ACK_INTERVAL`] after the last commit: a crash re-sends at
 /// most what was acknowledged since (with the same ids), and a run killed
 /// again and again still makes progress.
-const ACK_BATCH: usize = 50_000;
+const ACK_BATCH: usize = 250_000;
 const ACK_INTERVAL: Duration = Duration::from_millis(250);
 /// Payloads shown by `plan`.
 pub(crate) const SAMPLES: u64 = 3;
