@@ -347,11 +347,13 @@ impl StateStore {
                  DELETE FROM acked;",
             )
         })?;
-        // The outbox's key and op are never missing; its fingerprint and
-        // payload may be until it is complete. DuckDB checks new constraints
-        // only on a table without changes pending in the transaction.
+        // An outbox declares its key and op never missing (setting that
+        // again costs no scan; an earlier version's outbox did not); its
+        // fingerprint and payload may be missing until it is complete, so
+        // they are checked here. DuckDB checks new constraints only on a
+        // table without changes pending in the transaction.
         self.transaction(|conn| {
-            for column in ["fingerprint", "payload"] {
+            for column in ["key", "op", "fingerprint", "payload"] {
                 conn.execute_batch(&format!("ALTER TABLE snapshot ALTER COLUMN {column} SET NOT NULL"))?;
             }
             Ok(())

@@ -315,19 +315,11 @@ fn a_first_delivery_acknowledged_whole_becomes_the_snapshot() {
     };
     // The snapshot keeps its columns and constraints, and later runs diff
     // against it as against any other.
-    let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
-    let not_null: Vec<String> = conn
-        .prepare(
-            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'snapshot' AND NOT is_nullable
-             ORDER BY column_name",
-        )
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(not_null, ["fingerprint", "key", "op", "payload"], "the run id is kept by range, like the time");
-    drop(conn);
+    assert_eq!(
+        not_null_snapshot_columns(dir.path()),
+        ["fingerprint", "key", "op", "payload"],
+        "the run id is kept by range, like the time"
+    );
     assert!(!outbox_table_left(dir.path()), "the outbox became the snapshot");
     let store = StateStore::open(dir.path(), "s", "256MB").unwrap();
     assert_eq!(snapshot(&store, &[1, 2, 3]), snap(&[(1, "a"), (2, "b"), (3, "c")]));
@@ -350,10 +342,14 @@ fn an_outbox_written_by_an_earlier_version_is_folded_whole_into_the_snapshot() {
         store.ack("run-1", &[1, 2]).unwrap();
     }
     {
-        // Earlier versions' outboxes lacked the snapshot's delivery columns.
+        // Earlier versions' outboxes lacked the snapshot's delivery columns
+        // and declared no column never missing.
         let conn = duckdb::Connection::open(StateStore::path(dir.path(), "s")).unwrap();
         conn.execute_batch(
-            "ALTER TABLE outbox DROP COLUMN message_id;
+            "ALTER TABLE outbox ALTER COLUMN key DROP NOT NULL;
+             ALTER TABLE outbox ALTER COLUMN change DROP NOT NULL;
+             ALTER TABLE outbox ALTER COLUMN op DROP NOT NULL;
+             ALTER TABLE outbox DROP COLUMN message_id;
              ALTER TABLE outbox DROP COLUMN run_id;
              ALTER TABLE outbox DROP COLUMN delivered_at;
              ALTER TABLE delivered_ranges DROP COLUMN run_id;",
@@ -365,6 +361,21 @@ fn an_outbox_written_by_an_earlier_version_is_folded_whole_into_the_snapshot() {
     assert_eq!(store.lookup(&key(2)).unwrap().delivered.unwrap().run_id, "run-1");
     drop(store);
     assert!(!outbox_table_left(dir.path()), "the outbox became the snapshot");
+    assert_eq!(not_null_snapshot_columns(dir.path()), ["fingerprint", "key", "op", "payload"]);
+}
+
+/// The snapshot's columns declared never missing, by name.
+fn not_null_snapshot_columns(dir: &std::path::Path) -> Vec<String> {
+    let conn = duckdb::Connection::open(StateStore::path(dir, "s")).unwrap();
+    conn.prepare(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'snapshot' AND NOT is_nullable
+         ORDER BY column_name",
+    )
+    .unwrap()
+    .query_map([], |r| r.get(0))
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
 }
 
 /// Whether the state file still holds an outbox table (a fold that copies
